@@ -1,0 +1,252 @@
+"""Algorithm 1: absorb one context segment C into a LoRA adapter.
+
+Teacher: the model as it is before this absorption (the frozen base for the
+first one; base + the memory so far when streaming) reads `[prefix; C; S]`
+once, without gradients; its hidden states at every layer, at the positions
+of S, are cached. Student: the adapter being trained reads `[prefix; S]`.
+AdamW on the adapter's LoRA weights minimises the distance between the two
+(see `losses.py`) until it falls under `loss_threshold` or `max_steps` is
+reached.
+
+Positions (left open by the paper): the student reads S at its natural
+positions right after the prefix, exactly where the window sits at inference
+once C has left the prompt; the teacher reads S after C. The adapter thus
+learns to act as if C were present without needing any position offset at
+inference.
+
+If the loss turns non-finite, or anything raises mid-training (a cancelled
+job, say), the adapter is restored to its state before this call, so a
+memory never holds a half-trained or broken update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import losses
+from .chat import ChatFormat, Message
+from .config import AbsorberConfig
+from .errors import AbsorptionError
+from .generation import right_padded
+
+
+@dataclass
+class AbsorptionReport:
+    """What one absorption did; `to_dict()` is JSON-ready."""
+
+    steps: int
+    initial_loss: float
+    final_loss: float
+    stopped_by: str  # "threshold" or "max_steps"
+    context_tokens: int
+    sync_tokens: int
+    sync_segments: int
+    probes: int
+    seconds: float
+    teacher_seconds: float
+    loss_curve: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Batch:
+    """Token ids of one absorption and where S sits in teacher and student inputs."""
+
+    teacher: list[list[int]]
+    student: list[list[int]]
+    teacher_starts: list[int]
+    student_starts: list[int]
+    lengths: list[int]
+    lm_input: list[int]
+    lm_start: int
+
+
+def _gather(states: tuple[torch.Tensor, ...], starts: list[int], lengths: list[int]) -> list[torch.Tensor]:
+    """Per layer, the `[T, H]` states at each row's span `[start, start + length)`, rows concatenated."""
+    return [
+        torch.cat([layer[row, s : s + n] for row, (s, n) in enumerate(zip(starts, lengths))]) for layer in states
+    ]
+
+
+def trainable_lora_parameters(model: Any, adapter: str) -> list[torch.nn.Parameter]:
+    """The LoRA weights of `adapter`; they alone get gradients, everything else is frozen."""
+    params = []
+    for name, param in model.named_parameters():
+        mine = "lora_" in name and f".{adapter}." in name
+        param.requires_grad_(mine)
+        if mine:
+            params.append(param)
+    if not params:
+        raise AbsorptionError(f"adapter {adapter!r} has no LoRA weights on this model")
+    return params
+
+
+def lora_factors(model: Any, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """`(A, B, scale)` of every module `adapter` adapts (for the update penalty)."""
+    found = []
+    for module in model.modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if lora_a is not None and adapter in lora_a:
+            found.append((lora_a[adapter].weight, lora_b[adapter].weight, module.scaling[adapter]))
+    return found
+
+
+class Absorber:
+    """Runs Algorithm 1 on a PEFT model's active adapter."""
+
+    def __init__(self, model: Any, fmt: ChatFormat, config: AbsorberConfig) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _plan(self, prefix: list[Message], context: list[Message], segments: list[list[Message]]) -> _Batch:
+        p = self.fmt.prefix_ids(prefix)
+        c = self.fmt.encode_segments(context)
+        s = [self.fmt.encode_segments(seg) for seg in segments]
+        return _Batch(
+            teacher=[p + c + si for si in s],
+            student=[p + si for si in s],
+            teacher_starts=[len(p) + len(c)] * len(s),
+            student_starts=[len(p)] * len(s),
+            lengths=[len(si) for si in s],
+            lm_input=p + c,
+            lm_start=len(p),
+        )
+
+    def _forward(self, seqs: list[list[int]]) -> Any:
+        ids, mask = right_padded(seqs, self.fmt.tokenizer.pad_token_id or 0, self.device)
+        return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+
+    def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Cached teacher states (and logits, if `logit_kl` is used) at S, computed once."""
+        want_logits = self.config.losses.get("logit_kl", 0) > 0
+        with torch.no_grad():
+            if base_teacher:
+                with self.model.disable_adapter():
+                    out = self._forward(batch.teacher)
+            else:
+                out = self._forward(batch.teacher)
+        states = _gather(out.hidden_states[1:], batch.teacher_starts, batch.lengths)
+        logits = _gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None
+        return states, logits
+
+    def _loss(self, batch: _Batch, targets: list[torch.Tensor] | None, teacher_logits: torch.Tensor | None,
+              adapter: str) -> torch.Tensor:
+        weights = self.config.losses
+        terms: dict[str, torch.Tensor] = {}
+        if targets is not None:
+            out = self._forward(batch.student)
+            student = _gather(out.hidden_states[1:], batch.student_starts, batch.lengths)
+            for kind in ("l1", "mse"):
+                if weights.get(kind, 0) > 0:
+                    terms[kind] = losses.hidden_sync_loss(student, targets, kind)
+            if teacher_logits is not None:
+                logits = _gather((out.logits,), batch.student_starts, batch.lengths)[0]
+                terms["logit_kl"] = losses.logit_kl_loss(logits, teacher_logits)
+        if weights.get("lm", 0) > 0:
+            out = self._forward([batch.lm_input])
+            start = max(batch.lm_start, 1)  # with no prefix, nothing predicts the first token
+            logits = out.logits[0, start - 1 : len(batch.lm_input) - 1]
+            target = torch.tensor(batch.lm_input[start:], device=self.device)
+            terms["lm"] = losses.lm_loss(logits, target)
+        total = losses.weighted_sum(terms, weights)
+        if self.config.update_penalty != "none":
+            penalty = losses.lora_update_penalty(lora_factors(self.model, adapter), self.config.update_penalty)
+            total = total + self.config.update_penalty_weight * penalty
+        return total
+
+    def absorb(
+        self,
+        prefix: list[Message],
+        context: list[Message],
+        segments: list[list[Message]],
+        *,
+        base_teacher: bool = False,
+        probes: int = 0,
+        teacher_seconds: float = 0.0,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> AbsorptionReport:
+        """Train the active adapter so `[prefix; S]` behaves like `[prefix; C; S]`.
+
+        Args:
+            prefix: system message(s); read by both, never absorbed.
+            context: C, the messages being absorbed.
+            segments: the sync segments S (later turns and/or probe exchanges).
+            base_teacher: run the teacher with the adapter disabled (first absorption).
+            probes: how many of `segments` are probes (for the report).
+            teacher_seconds: time already spent on the teacher (probe answers), for the report.
+            on_step: called as `on_step(step, loss)` after each loss; may raise to cancel.
+        """
+        cfg = self.config
+        adapter = self.model.active_adapter
+        params = trainable_lora_parameters(self.model, adapter)
+        if not segments and cfg.sync_losses():
+            raise AbsorptionError("no sync text S: pass sync segments or set `probe_count` > 0")
+        earlier_seconds = teacher_seconds
+        start = time.perf_counter()
+        batch = self._plan(prefix, context, segments)
+        targets, teacher_logits = (None, None)
+        if segments and cfg.sync_losses():
+            targets, teacher_logits = self._teacher_targets(batch, base_teacher)
+        teacher_seconds += time.perf_counter() - start
+
+        snapshot = [p.detach().clone() for p in params]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        curve: list[float] = []
+        stopped_by = "max_steps"
+        bar = tqdm(total=cfg.max_steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
+        try:
+            for step in range(cfg.max_steps + 1):
+                loss = self._loss(batch, targets, teacher_logits, adapter)
+                value = float(loss.detach())
+                if not torch.isfinite(loss.detach()):
+                    raise AbsorptionError(f"loss became {value} at step {step}; adapter rolled back")
+                curve.append(value)
+                if on_step is not None:
+                    on_step(step, value)
+                if value < cfg.loss_threshold:
+                    stopped_by = "threshold"
+                    break
+                if step == cfg.max_steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+        except BaseException:
+            with torch.no_grad():
+                for p, saved in zip(params, snapshot):
+                    p.copy_(saved)
+            raise
+        finally:
+            bar.close()
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        return AbsorptionReport(
+            steps=len(curve) - 1,
+            initial_loss=curve[0],
+            final_loss=curve[-1],
+            stopped_by=stopped_by,
+            context_tokens=len(batch.lm_input) - batch.lm_start,
+            sync_tokens=sum(batch.lengths),
+            sync_segments=len(segments),
+            probes=probes,
+            seconds=earlier_seconds + time.perf_counter() - start,
+            teacher_seconds=teacher_seconds,
+            loss_curve=curve,
+        )

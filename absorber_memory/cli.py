@@ -1,0 +1,69 @@
+"""Command line: `absorber-memory demo` and `absorber-memory info`.
+
+`demo` runs the scripted absorption demo on the default model (see
+`demo.py`); `info` prints where data lives and what the runtime will use.
+The benchmark suite will add `bench` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _info() -> int:
+    import torch
+
+    from .models import DEFAULT_MODEL, absorber_home, embedded_gguf_path, resolve_device
+    from .errors import ModelLoadError
+
+    try:
+        gguf = str(embedded_gguf_path())
+    except ModelLoadError as exc:
+        gguf = f"missing ({exc})"
+    info = {
+        "data directory ($ABSORBER_HOME)": str(absorber_home()),
+        "default model": DEFAULT_MODEL,
+        "default model file": gguf,
+        "device (auto)": str(resolve_device("auto")),
+        "torch": torch.__version__,
+        "torch threads": torch.get_num_threads(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="absorber-memory", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log absorption details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="absorb a scripted chat on the default model and report fidelity")
+    demo.add_argument("--model", default=None, help="model name, Hugging Face id or path")
+    demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps per absorption")
+    demo.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
+    demo.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    sub.add_parser("info", help="show data directory, device and default model file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+
+    if args.command == "info":
+        return _info()
+    from .demo import run_demo
+    from .errors import AbsorberError
+
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("device", args.device)) if v is not None}
+    try:
+        result = run_demo(args.model, **overrides)
+    except AbsorberError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

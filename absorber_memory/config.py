@@ -1,0 +1,142 @@
+"""Typed settings for absorption (Algorithm 1), the window (Algorithm 2) and the runtime.
+
+One flat pydantic model, so a field is named the same in Python, JSON, a job
+payload and the CLI (`AbsorberConfig(sync_tokens=128, lr=3e-4)`). Every field
+has a default and a one-line description; invalid values fail at construction
+with a `ConfigError` (a `ValueError`) whose message names the field in
+backticks. The config is plain data: it serializes with `model_dump()` and is
+rebuilt anywhere with `AbsorberConfig(**data)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .probes import DEFAULT_PROBES
+
+#: Loss names `losses` accepts; see `absorber_memory.losses`.
+LOSS_NAMES = ("l1", "mse", "logit_kl", "lm")
+_SYNC_LOSSES = ("l1", "mse", "logit_kl")
+
+_OPS = {
+    "greater_than": ("> ", "gt"),
+    "greater_than_equal": (">= ", "ge"),
+    "less_than": ("< ", "lt"),
+    "less_than_equal": ("<= ", "le"),
+}
+
+
+def _describe(exc: ValidationError) -> str:
+    """Turn pydantic's report into one line per field: "`field` must be > 0, got 0"."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        op = _OPS.get(err["type"])
+        if op is not None:
+            text = f"must be {op[0]}{err['ctx'][op[1]]}"
+        elif err["type"] == "extra_forbidden":
+            text = "is not a known setting"
+        else:
+            text = err["msg"][0].lower() + err["msg"][1:]
+            text = text.removeprefix("value error, ")
+        got = "" if err["type"] == "missing" else f", got {err.get('input')!r}"
+        lines.append(f"`{field}` {text}{got}")
+    return "; ".join(lines)
+
+
+class AbsorberConfig(BaseModel):
+    """All settings of one memory; every field has a working default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- runtime -----------------------------------------------------------
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' is float32 on CPU (bf16 is slow there) and bfloat16 on GPU."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; None uses the cores this process may run on."
+    )
+    seed: int = Field(0, description="Seed for LoRA initialisation, so runs are reproducible.")
+    show_progress: bool = Field(False, description="Show tqdm bars for absorption steps (off in library use).")
+
+    # --- LoRA adapter --------------------------------------------------------
+    lora_rank: int = Field(16, gt=0, le=1024, description="LoRA rank r.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    lora_targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' (every projection but the LM head) or names."
+    )
+
+    # --- Algorithm 1: one absorption ----------------------------------------
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate on the LoRA weights.")
+    max_steps: int = Field(30, ge=1, le=100_000, description="Most optimizer steps per absorption.")
+    loss_threshold: float = Field(0.0, ge=0, description="Stop early once the loss is below this (0: never).")
+    losses: dict[str, float] = Field(
+        default_factory=lambda: {"l1": 1.0},
+        description="Weighted loss mix; names: l1, mse (hidden-state sync), logit_kl, lm (TTT baseline).",
+    )
+    update_penalty: Literal["none", "l1", "l2"] = Field(
+        "none", description="Regulariser on the LoRA update delta-W (paper's L1 vs L2 ablation)."
+    )
+    update_penalty_weight: float = Field(0.0, ge=0, description="Weight of `update_penalty` in the loss.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None disables it.")
+
+    # --- sync text: probes ---------------------------------------------------
+    probe_count: int = Field(3, ge=0, le=64, description="Self-generated probes per absorption (0: none).")
+    probe_max_new_tokens: int = Field(48, gt=0, le=4096, description="Length of each teacher answer to a probe.")
+    probe_prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROBES),
+        description="Generic, context-free probe questions; rotated across absorptions.",
+    )
+
+    # --- Algorithm 2: the window ---------------------------------------------
+    window_tokens: int = Field(512, gt=0, description="Token budget of recent turns kept in the prompt.")
+    absorb_tokens: int = Field(256, gt=0, description="About how many of the oldest tokens to absorb per round (n).")
+    sync_tokens: int = Field(256, ge=0, description="Most tokens of following turns used as sync text S (m).")
+    auto_absorb: bool = Field(True, description="Absorb as soon as the window overflows when messages are added.")
+
+    # --- generation ------------------------------------------------------------
+    max_new_tokens: int = Field(128, gt=0, description="Default answer length for `generate`.")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> AbsorberConfig:
+        unknown = sorted(set(self.losses) - set(LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"`losses` has unknown names {unknown}; choose from {list(LOSS_NAMES)}")
+        if any(w < 0 for w in self.losses.values()) or not any(w > 0 for w in self.losses.values()):
+            raise ValueError(f"`losses` weights must be >= 0 with at least one > 0, got {self.losses}")
+        if self.absorb_tokens > self.window_tokens:
+            raise ValueError(
+                f"`absorb_tokens` must be <= `window_tokens` ({self.window_tokens}), got {self.absorb_tokens}"
+            )
+        if any(not p.strip() for p in self.probe_prompts):
+            raise ValueError("`probe_prompts` must not contain empty prompts")
+        if self.probe_count > 0 and not self.probe_prompts:
+            raise ValueError("`probe_prompts` must not be empty when `probe_count` > 0")
+        needs_sync = any(self.losses.get(name, 0) > 0 for name in _SYNC_LOSSES)
+        if needs_sync and self.probe_count == 0 and self.sync_tokens == 0:
+            raise ValueError("`probe_count` and `sync_tokens` are both 0: a sync loss has no text S to align on")
+        if self.update_penalty != "none" and self.update_penalty_weight == 0:
+            raise ValueError(f"`update_penalty_weight` must be > 0 when `update_penalty` is {self.update_penalty!r}")
+        return self
+
+    def sync_losses(self) -> dict[str, float]:
+        """The weights of the losses that need teacher states on S."""
+        return {k: w for k, w in self.losses.items() if k in _SYNC_LOSSES and w > 0}

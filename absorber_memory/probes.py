@@ -1,0 +1,55 @@
+"""Self-generated probes: sync text S for when no later turns exist yet.
+
+A probe is a generic, context-free question ("What do you remember about
+me?"). The teacher, which reads the context being absorbed, answers it; the
+probe plus that answer becomes a sync segment S. The prompts never mention
+anything specific, and they must never be evaluation questions: fidelity is
+measured on held-out queries the adapter was not trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .chat import Message
+
+DEFAULT_PROBES: tuple[str, ...] = (
+    "What do you remember about me and our conversation so far?",
+    "Summarize what we discussed.",
+    "List the facts I have told you, one per line.",
+    "What should you keep in mind when you answer my next question?",
+    "Tell me about myself as if you were introducing me to a friend.",
+    "What details from earlier would matter if we kept talking?",
+    "Please continue our conversation naturally.",
+    "Which names, places and numbers have come up so far?",
+)
+
+
+def pick_probes(prompts: list[str], count: int, round_index: int) -> list[str]:
+    """The `count` prompts for absorption round `round_index`, rotating through `prompts`.
+
+    Rotation gives a streaming memory varied probes across rounds while each
+    round stays deterministic.
+    """
+    if count <= 0 or not prompts:
+        return []
+    start = (round_index * count) % len(prompts)
+    return [prompts[(start + i) % len(prompts)] for i in range(min(count, len(prompts)))]
+
+
+def probe_segments(
+    answer: Callable[[list[Message]], str], prompts: list[str]
+) -> list[list[Message]]:
+    """Build sync segments `[probe; teacher answer]`.
+
+    Args:
+        answer: the teacher: given the probe as a user message, returns its
+            answer while it reads `[prefix; C]` (the caller closes over that).
+        prompts: the probe questions.
+    """
+    segments = []
+    for prompt in prompts:
+        question = {"role": "user", "content": prompt}
+        reply = answer([question]).strip() or "..."
+        segments.append([question, {"role": "assistant", "content": reply}])
+    return segments

@@ -1,0 +1,77 @@
+"""Algorithm 2's window policy: which turns to absorb, and which follow as S.
+
+Pure bookkeeping on token counts and roles, no model: the prompt keeps a
+window of recent turns under `window_tokens`; when it overflows, the oldest
+whole turns (about `absorb_tokens`, at least one) are absorbed, with the turns
+right after them (whole messages, up to `sync_tokens`) as sync text S. The
+caller then drops the absorbed turns from the window and asks again until
+the window fits.
+
+Choices where the paper is silent:
+- A turn is a message plus any `tool` messages answering it; it is absorbed
+  whole, so a tool call never loses its result.
+- The newest turn is never absorbed: the model should read the message it is
+  answering. A window that still overflows with only that turn left stays
+  over budget (the caller may warn).
+- A following message larger than what is left of `sync_tokens` ends S there;
+  S is never cut mid-message (probes still supply sync text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AbsorbPlan:
+    """Absorb the oldest `absorb` window messages, syncing on the `sync` after them."""
+
+    absorb: int
+    sync: int
+    absorb_tokens: int
+    sync_tokens: int
+
+
+def turn_spans(roles: list[str]) -> list[tuple[int, int]]:
+    """`[start, end)` spans of turns: a message and the `tool` messages that follow it."""
+    spans: list[tuple[int, int]] = []
+    for i, role in enumerate(roles):
+        if role == "tool" and spans:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def plan_absorption(
+    counts: list[int], roles: list[str], *, window_tokens: int, absorb_tokens: int, sync_tokens: int
+) -> AbsorbPlan | None:
+    """Decide the next absorption round for a window, or None if it fits (or cannot shrink).
+
+    Args:
+        counts: tokens of each window message, oldest first.
+        roles: role of each window message.
+        window_tokens: budget of the window.
+        absorb_tokens: about how many tokens one round absorbs (n).
+        sync_tokens: most tokens of following messages used as S (m).
+    """
+    if len(counts) != len(roles):
+        raise ValueError(f"counts and roles differ in length: {len(counts)} != {len(roles)}")
+    if sum(counts) <= window_tokens:
+        return None
+    spans = turn_spans(roles)[:-1]  # the newest turn stays in the prompt
+    end, absorbed = 0, 0
+    for start, stop in spans:
+        if absorbed >= absorb_tokens:
+            break
+        absorbed += sum(counts[start:stop])
+        end = stop
+    if end == 0:
+        return None
+    n_sync, synced = 0, 0
+    for c in counts[end:]:
+        if synced + c > sync_tokens:
+            break
+        synced += c
+        n_sync += 1
+    return AbsorbPlan(absorb=end, sync=n_sync, absorb_tokens=absorbed, sync_tokens=synced)

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny in-process Llama (no downloads) and a data dir per test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from absorber_memory import AbsorberConfig, ParametricMemory
+from absorber_memory.testing import tiny_model, tiny_tokenizer
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    """A fresh tiny model per test (ParametricMemory injects LoRA layers into it)."""
+    return tiny_model(tokenizer, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def absorber_home(tmp_path, monkeypatch):
+    """Keep every test's data out of the real home directory."""
+    home = tmp_path / "absorber-home"
+    monkeypatch.setenv("ABSORBER_HOME", str(home))
+    return home
+
+
+FAST = dict(max_steps=8, lr=1e-2, probe_count=2, probe_max_new_tokens=8, max_new_tokens=8, num_threads=1)
+
+
+@pytest.fixture
+def make_memory(tokenizer):
+    """Build a ParametricMemory on a fresh tiny model; keyword args override the fast config."""
+
+    def make(seed: int = 0, **overrides):
+        config = AbsorberConfig(**{**FAST, **overrides})
+        return ParametricMemory(tiny_model(tokenizer, seed=seed), tokenizer=tokenizer, config=config)
+
+    return make
+
+
+def chat(*turns: str) -> list[dict]:
+    """Alternating user/assistant messages from plain strings."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]

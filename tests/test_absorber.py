@@ -1,0 +1,128 @@
+"""Algorithm 1 on the tiny model: it learns, it touches only LoRA, it rolls back."""
+
+import pytest
+import torch
+
+from absorber_memory import AbsorptionError, fidelity
+from absorber_memory.absorber import trainable_lora_parameters
+
+from .conftest import chat
+
+CONTEXT = chat("My name is Ana and I live in Lisbon with my dog Bruno.", "Nice to meet you, Ana!")
+QUERIES = ["What is my name?", "Where do I live?", "Tell me about my dog."]
+
+
+def _base_weights(pm):
+    return {n: p.detach().clone() for n, p in pm.model.named_parameters() if "lora_" not in n}
+
+
+def test_absorb_lowers_the_sync_loss_and_keeps_base_weights(make_memory):
+    pm = make_memory()
+    before = _base_weights(pm)
+    report = pm.absorb(CONTEXT)
+    assert report.steps == 8 and report.stopped_by == "max_steps"
+    assert report.final_loss < 0.7 * report.initial_loss
+    assert report.context_tokens > 0 and report.sync_tokens > 0 and report.probes == 2
+    assert len(report.loss_curve) == report.steps + 1
+    after = _base_weights(pm)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert any(p.abs().sum() > 0 for n, p in pm.model.named_parameters() if "lora_B" in n)
+    assert not any(p.requires_grad for p in pm.model.parameters())  # frozen again afterwards
+
+
+def test_gradients_reach_only_lora_weights(make_memory):
+    pm = make_memory()
+    params = trainable_lora_parameters(pm.model, "default")
+    trainable = {id(p) for p in params}
+    assert all(p.requires_grad == (id(p) in trainable) for p in pm.model.parameters())
+    assert all("lora_" in n for n, p in pm.model.named_parameters() if id(p) in trainable)
+
+
+def test_absorbing_beats_dropping_on_held_out_queries(make_memory):
+    pm = make_memory(max_steps=40, probe_count=4, probe_max_new_tokens=16)
+    pm.absorb(CONTEXT)
+    report = fidelity(pm, QUERIES, context=CONTEXT, window=[], max_new_tokens=12)
+    assert report.kl_dropped > 0
+    assert report.kl_absorbed < report.kl_dropped
+    assert 0 < report.gap_closed <= 1
+    again = fidelity(pm, QUERIES, context=CONTEXT, window=[], max_new_tokens=12)
+    assert again.kl_absorbed == pytest.approx(report.kl_absorbed)  # deterministic
+
+
+def test_runs_are_reproducible(make_memory):
+    a, b = make_memory(), make_memory()
+    assert a.absorb(CONTEXT).loss_curve == b.absorb(CONTEXT).loss_curve
+
+
+def test_explicit_sync_segments_are_used_verbatim(make_memory):
+    pm = make_memory()
+    sync = [chat("What city is nice?", "Lisbon is lovely.")]
+    report = pm.absorb(CONTEXT, sync)
+    assert report.probes == 0 and report.sync_segments == 1
+    assert report.sync_tokens == len(pm.fmt.encode_segments(sync[0]))
+
+
+def test_threshold_stops_early(make_memory):
+    pm = make_memory(loss_threshold=10.0)
+    report = pm.absorb(CONTEXT)
+    assert report.stopped_by == "threshold" and report.steps == 0
+
+
+@pytest.mark.parametrize(
+    "losses", [{"mse": 1.0}, {"logit_kl": 1.0}, {"lm": 1.0}, {"l1": 1.0, "lm": 0.1}]
+)
+def test_other_losses_train(make_memory, losses):
+    pm = make_memory(losses=losses)
+    report = pm.absorb(CONTEXT)
+    assert report.final_loss < report.initial_loss
+
+
+def test_update_penalty_is_added(make_memory):
+    plain = make_memory().absorb(CONTEXT)
+    penalised = make_memory(update_penalty="l1", update_penalty_weight=100.0).absorb(CONTEXT)
+    assert penalised.initial_loss == pytest.approx(plain.initial_loss)  # B = 0: no penalty yet
+    assert penalised.final_loss > plain.final_loss
+
+
+def test_first_teacher_is_the_frozen_model(make_memory):
+    """With LoRA B = 0 the adapter is a no-op, so both teachers must agree exactly."""
+    pm = make_memory()
+    batch = pm._absorber._plan([], CONTEXT, [chat("hi", "hello")])
+    base, _ = pm._absorber._teacher_targets(batch, base_teacher=True)
+    current, _ = pm._absorber._teacher_targets(batch, base_teacher=False)
+    assert all(torch.equal(a, b) for a, b in zip(base, current))
+
+
+def _lora_state(pm):
+    return {n: p.detach().clone() for n, p in pm.model.named_parameters() if "lora_" in n}
+
+
+def test_nan_loss_rolls_back_and_raises(make_memory, monkeypatch):
+    pm = make_memory()
+    pm.absorb(CONTEXT)
+    good = _lora_state(pm)
+    calls = {"n": 0}
+    real = pm._absorber._loss
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(pm._absorber, "_loss", poisoned)
+    with pytest.raises(AbsorptionError, match="loss became nan at step 2; adapter rolled back"):
+        pm.absorb(CONTEXT)
+    assert all(torch.equal(good[n], p) for n, p in _lora_state(pm).items())
+
+
+def test_cancel_from_progress_callback_rolls_back(make_memory):
+    pm = make_memory()
+    good = _lora_state(pm)
+
+    def cancel(step, loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pm._absorber.absorb([], CONTEXT, [chat("hi", "hello")], on_step=cancel)
+    assert all(torch.equal(good[n], p) for n, p in _lora_state(pm).items())

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from absorber_memory import losses
+
+
+def _states(seed, layers=3, tokens=5, hidden=8, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [scale * (i + 1) * torch.randn(tokens, hidden, generator=g) for i in range(layers)]
+
+
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_identical_states_give_zero(kind):
+    t = _states(0)
+    assert losses.hidden_sync_loss(t, [x.clone() for x in t], kind).item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_a_wrong_teacher_gives_a_larger_loss(kind):
+    teacher = _states(0)
+    near = [t + 0.01 * torch.randn_like(t) for t in teacher]
+    far = _states(1)
+    assert 0 < losses.hidden_sync_loss(near, teacher, kind) < losses.hidden_sync_loss(far, teacher, kind)
+
+
+def test_per_layer_normalisation_weighs_layers_alike():
+    # Layer 2 has 100x the scale of layer 1; the same relative error must count the same.
+    teacher = [torch.ones(4, 4), 100 * torch.ones(4, 4)]
+    off_small = [1.1 * teacher[0], teacher[1].clone()]
+    off_big = [teacher[0].clone(), 1.1 * teacher[1]]
+    a = losses.hidden_sync_loss(off_small, teacher, "l1")
+    b = losses.hidden_sync_loss(off_big, teacher, "l1")
+    assert torch.allclose(a, b) and a.item() == pytest.approx(0.05, rel=1e-4)
+
+
+def test_gradient_flows_to_student_only():
+    teacher = [t.requires_grad_() for t in _states(0)]
+    student = [t.requires_grad_() for t in _states(1)]
+    losses.hidden_sync_loss(student, teacher).backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+    assert all(t.grad is None for t in teacher)
+
+
+def test_layer_count_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="same non-zero number of layers"):
+        losses.hidden_sync_loss(_states(0, layers=2), _states(0, layers=3))
+    with pytest.raises(ValueError, match="`kind`"):
+        losses.hidden_sync_loss(_states(0), _states(0), "l3")
+
+
+def test_logit_kl_is_zero_for_equal_and_positive_otherwise():
+    a = torch.randn(6, 11)
+    assert losses.logit_kl_loss(a, a.clone()).abs().item() < 1e-6
+    assert losses.logit_kl_loss(a, torch.randn(6, 11)).item() > 0
+
+
+def test_lm_loss_is_cross_entropy():
+    logits, targets = torch.randn(5, 7), torch.tensor([0, 1, 2, 3, 4])
+    expected = torch.nn.functional.cross_entropy(logits, targets)
+    assert torch.allclose(losses.lm_loss(logits, targets), expected)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_update_penalty_is_zero_for_a_fresh_adapter(kind):
+    a, b = torch.randn(4, 8), torch.zeros(8, 4)
+    assert losses.lora_update_penalty([(a, b, 2.0)], kind).item() == 0.0
+    b = torch.randn(8, 4)
+    assert losses.lora_update_penalty([(a, b, 2.0)], kind).item() > 0
+
+
+def test_weighted_sum():
+    terms = {"l1": torch.tensor(2.0), "lm": torch.tensor(3.0)}
+    assert losses.weighted_sum(terms, {"l1": 1.0, "lm": 0.5}).item() == pytest.approx(3.5)
