@@ -124,9 +124,15 @@ class Absorber:
             lm_start=len(p),
         )
 
-    def _forward(self, seqs: list[list[int]]) -> Any:
+    def _forward(self, seqs: list[list[int]], logits: bool = True) -> Any:
+        """Run a right-padded batch; without `logits` the LM head runs on one position only.
+
+        Hidden-state losses never read logits, and skipping the vocabulary
+        projection saves about a fifth of a small model's compute.
+        """
         ids, mask = right_padded(seqs, self.fmt.tokenizer.pad_token_id or 0, self.device)
-        return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        keep = {} if logits else {"logits_to_keep": 1}
+        return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep)
 
     def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Cached teacher states (and logits, if `logit_kl` is used) at S, computed once."""
@@ -134,9 +140,9 @@ class Absorber:
         with torch.no_grad():
             if base_teacher:
                 with self.model.disable_adapter():
-                    out = self._forward(batch.teacher)
+                    out = self._forward(batch.teacher, want_logits)
             else:
-                out = self._forward(batch.teacher)
+                out = self._forward(batch.teacher, want_logits)
         states = _gather(out.hidden_states[1:], batch.teacher_starts, batch.lengths)
         logits = _gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None
         return states, logits
@@ -146,7 +152,7 @@ class Absorber:
         weights = self.config.losses
         terms: dict[str, torch.Tensor] = {}
         if targets is not None:
-            out = self._forward(batch.student)
+            out = self._forward(batch.student, teacher_logits is not None)
             student = _gather(out.hidden_states[1:], batch.student_starts, batch.lengths)
             for kind in ("l1", "mse"):
                 if weights.get(kind, 0) > 0:

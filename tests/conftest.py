@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from absorber_memory import AbsorberConfig, ParametricMemory
+from absorber_memory.models import absorber_home as _absorber_home
 from absorber_memory.testing import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+#: The real data directory, read before tests redirect ABSORBER_HOME, so slow
+#: tests convert the default model's GGUF once per machine, not once per test.
+REAL_MODEL_CACHE = _absorber_home() / "models"
 
 
 @pytest.fixture(scope="session")
