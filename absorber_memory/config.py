@@ -87,8 +87,8 @@ class AbsorberConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None disables it.")
 
     # --- sync text: probes ---------------------------------------------------
-    probe_count: int = Field(3, ge=0, le=64, description="Self-generated probes per absorption (0: none).")
-    probe_max_new_tokens: int = Field(48, gt=0, le=4096, description="Length of each teacher answer to a probe.")
+    probe_count: int = Field(8, ge=0, le=64, description="Self-generated probes per absorption (0: none).")
+    probe_max_new_tokens: int = Field(24, gt=0, le=4096, description="Length of each teacher answer to a probe.")
     probe_prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROBES),
         description="Generic, context-free probe questions; rotated across absorptions.",

@@ -45,8 +45,8 @@ HELD_OUT_QUERIES: list[str] = [
     "What food am I allergic to?",
 ]
 
-# Sized so the ~230 fact tokens overflow a 128-token window and are absorbed.
-DEMO_SETTINGS: dict[str, Any] = dict(window_tokens=128, absorb_tokens=96, sync_tokens=64, show_progress=True)
+# Sized so the ~230 fact tokens overflow the window and are absorbed in two rounds.
+DEMO_SETTINGS: dict[str, Any] = dict(window_tokens=160, absorb_tokens=128, sync_tokens=64, show_progress=True)
 
 
 def _row(cells: list[str], widths: list[int]) -> str:

@@ -5,6 +5,12 @@ me?"). The teacher, which reads the context being absorbed, answers it; the
 probe plus that answer becomes a sync segment S. The prompts never mention
 anything specific, and they must never be evaluation questions: fidelity is
 measured on held-out queries the adapter was not trained on.
+
+Defaults (measured, see BENCHMARKS.md): many short probes beat few long
+ones. Diverse S is what carries over to unseen questions; 8 probes with
+24-token answers closed more of the held-out gap in 30 steps than 3 probes
+with 48-token answers did in 60. Answers are greedy: sampled or de-looped
+answers read better but matched the full-context model *worse*.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "What details from earlier would matter if we kept talking?",
     "Please continue our conversation naturally.",
     "Which names, places and numbers have come up so far?",
+    # Aspect prompts: still context-free, they ask what a personal assistant
+    # keeps about anyone; with the default count they join in later rounds.
+    "What do you know about where I live and work?",
+    "What do you know about my family, friends and pets?",
+    "What do you know about my health, likes and dislikes?",
+    "What plans or upcoming events have I mentioned?",
+    "What have I asked you to remember?",
+    "What do you know about me so far?",
 )
 
 
