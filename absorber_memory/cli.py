@@ -35,6 +35,20 @@ def _info() -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Hide other libraries' loading bars and deprecation chatter; the CLI shows its own progress.
+
+    Done here, not on import: a library must not change process-wide logging.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="absorber-memory", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log absorption details")
@@ -47,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="show data directory, device and default model file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _quiet_libraries()
 
     if args.command == "info":
         return _info()

@@ -126,3 +126,10 @@ def test_cancel_from_progress_callback_rolls_back(make_memory):
     with pytest.raises(KeyboardInterrupt):
         pm._absorber.absorb([], CONTEXT, [chat("hi", "hello")], on_step=cancel)
     assert all(torch.equal(good[n], p) for n, p in _lora_state(pm).items())
+
+
+def test_hidden_state_losses_skip_the_lm_head(make_memory):
+    pm = make_memory()
+    seqs = [pm.fmt.encode_segments(CONTEXT)]
+    assert pm._absorber._forward(seqs, logits=False).logits.shape[1] == 1
+    assert pm._absorber._forward(seqs, logits=True).logits.shape[1] == len(seqs[0])
