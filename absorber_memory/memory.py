@@ -30,7 +30,7 @@ from .errors import ConfigError, InvalidMessageError, StorageError
 from .generation import generate_ids
 from .models import DEFAULT_MODEL, load_model, model_identity, set_threads
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
-from .probes import pick_probes, probe_segments
+from .probes import chained_probe_segment, pick_probes, probe_segments
 from .stream import plan_absorption
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,8 @@ class ParametricMemory:
                 break
             context = window[: plan.absorb]
             following = window[plan.absorb : plan.absorb + plan.sync]
-            report = self._absorb(self._prefix, context, [following] if following else [], cfg.probe_count)
+            report = self._absorb(self._prefix, context, [following] if following else [], cfg.probe_count,
+                                  chain=bool(following))
             self._log.append({"first": self._absorbed, "count": plan.absorb, "report": report.to_dict()})
             self._absorbed += plan.absorb
             reports.append(report)
@@ -233,8 +234,10 @@ class ParametricMemory:
         return report
 
     def _absorb(
-        self, prefix: list[Message], context: list[Message], segments: list[list[Message]], n_probes: int
+        self, prefix: list[Message], context: list[Message], segments: list[list[Message]], n_probes: int,
+        chain: bool = False,
     ) -> AbsorptionReport:
+        """Algorithm 1 with probes; `chain` asks the probes after the (single) following-turns segment."""
         base_teacher = not self._log  # first absorption: the frozen model is the teacher
         start = time.perf_counter()
         prompts = pick_probes(self.config.probe_prompts, n_probes, len(self._log))
@@ -242,7 +245,10 @@ class ParametricMemory:
             def answer(question: list[Message]) -> str:
                 return self._generate(prefix, context + question, self.config.probe_max_new_tokens, base_teacher)
 
-            segments = segments + probe_segments(answer, prompts)
+            if chain:
+                segments = [chained_probe_segment(answer, prompts, segments[0])]
+            else:
+                segments = segments + probe_segments(answer, prompts)
         report = self._absorber.absorb(
             prefix, context, segments, base_teacher=base_teacher, probes=len(prompts),
             teacher_seconds=time.perf_counter() - start,

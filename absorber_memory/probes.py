@@ -67,3 +67,21 @@ def probe_segments(
         reply = answer([question]).strip() or "..."
         segments.append([question, {"role": "assistant", "content": reply}])
     return segments
+
+
+def chained_probe_segment(
+    answer: Callable[[list[Message]], str], prompts: list[str], lead: list[Message]
+) -> list[Message]:
+    """One sync segment: the `lead` turns, then each probe and its teacher answer in turn.
+
+    Used when streaming: the turns that follow the absorbed ones stay in the
+    prompt, so probes asked *after* them train the adapter where inference
+    puts the next question. (Probes placed straight after the prefix made the
+    adapter overshoot once a window sat in between: see BENCHMARKS.md.)
+    """
+    messages = list(lead)
+    for prompt in prompts:
+        question = {"role": "user", "content": prompt}
+        reply = answer(messages + [question]).strip() or "..."
+        messages += [question, {"role": "assistant", "content": reply}]
+    return messages

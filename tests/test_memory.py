@@ -37,7 +37,9 @@ def test_window_bookkeeping_loses_and_duplicates_nothing(make_memory):
 def test_absorption_uses_following_turns_and_probes(make_memory):
     pm, reports = _streamed(make_memory)
     assert all(r.probes == 2 for r in reports)
-    assert any(r.sync_segments == 3 for r in reports)  # following turns + 2 probes
+    # With following turns, the probes are asked after them in one chained segment.
+    chained = [r for r in reports if r.sync_segments == 1]
+    assert chained and all(r.sync_tokens > 40 for r in chained)  # more than sync_tokens of turns alone
 
 
 def test_auto_absorb_off_keeps_everything_in_the_window(make_memory):
