@@ -100,7 +100,7 @@ def save_adapter(model: Any, adapter: str, folder: Path) -> None:
 
 def load_adapter_weights(model: Any, adapter: str, folder: Path) -> None:
     """Load a PEFT folder's weights into the existing `adapter`, refusing any mismatch."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     path = Path(folder) / ADAPTER_WEIGHTS
     try:
@@ -109,26 +109,15 @@ def load_adapter_weights(model: Any, adapter: str, folder: Path) -> None:
         raise StorageError(f"{path} is missing") from exc
     except Exception as exc:  # safetensors raises its own error types on bad bytes
         raise StorageError(f"{path} is corrupt: {exc}") from exc
-    expected = get_expected_keys(model, adapter)
+    current = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    expected = set(current)
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise StorageError(
             f"{path} does not fit this model's adapter (missing {missing[:3]}, unexpected {extra[:3]}); "
             "was it made for another base model or LoRA setting?"
         )
-    current = {k: v.shape for k, v in _adapter_state(model, adapter).items()}
     for key, tensor in state.items():
         if tensor.shape != current[key] or not torch.isfinite(tensor).all():
             raise StorageError(f"{path}: tensor {key} has shape {tuple(tensor.shape)} or non-finite values")
     set_peft_model_state_dict(model, state, adapter_name=adapter)
-
-
-def _adapter_state(model: Any, adapter: str) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model, adapter_name=adapter)
-
-
-def get_expected_keys(model: Any, adapter: str) -> set[str]:
-    """Keys a PEFT state dict of `adapter` has on this model."""
-    return set(_adapter_state(model, adapter))
