@@ -21,6 +21,7 @@ memory never holds a half-trained or broken update.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -137,12 +138,9 @@ class Absorber:
     def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Cached teacher states (and logits, if `logit_kl` is used) at S, computed once."""
         want_logits = self.config.losses.get("logit_kl", 0) > 0
-        with torch.no_grad():
-            if base_teacher:
-                with self.model.disable_adapter():
-                    out = self._forward(batch.teacher, want_logits)
-            else:
-                out = self._forward(batch.teacher, want_logits)
+        adapter_off = self.model.disable_adapter() if base_teacher else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off:
+            out = self._forward(batch.teacher, want_logits)
         states = _gather(out.hidden_states[1:], batch.teacher_starts, batch.lengths)
         logits = _gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None
         return states, logits

@@ -198,8 +198,7 @@ class ParametricMemory:
                 break
             context = window[: plan.absorb]
             following = window[plan.absorb : plan.absorb + plan.sync]
-            report = self._absorb(self._prefix, context, [following] if following else [], cfg.probe_count,
-                                  chain=bool(following))
+            report = self._absorb(self._prefix, context, [], cfg.probe_count, lead=following)
             self._log.append({"first": self._absorbed, "count": plan.absorb, "report": report.to_dict()})
             self._absorbed += plan.absorb
             reports.append(report)
@@ -235,20 +234,20 @@ class ParametricMemory:
 
     def _absorb(
         self, prefix: list[Message], context: list[Message], segments: list[list[Message]], n_probes: int,
-        chain: bool = False,
+        lead: list[Message] | None = None,
     ) -> AbsorptionReport:
-        """Algorithm 1 with probes; `chain` asks the probes after the (single) following-turns segment."""
+        """Algorithm 1 with probes; with `lead` (following turns) the probes are asked after it, in one segment."""
         base_teacher = not self._log  # first absorption: the frozen model is the teacher
         start = time.perf_counter()
         prompts = pick_probes(self.config.probe_prompts, n_probes, len(self._log))
-        if prompts:
-            def answer(question: list[Message]) -> str:
-                return self._generate(prefix, context + question, self.config.probe_max_new_tokens, base_teacher)
 
-            if chain:
-                segments = [chained_probe_segment(answer, prompts, segments[0])]
-            else:
-                segments = segments + probe_segments(answer, prompts)
+        def answer(question: list[Message]) -> str:
+            return self._generate(prefix, context + question, self.config.probe_max_new_tokens, base_teacher)
+
+        if lead:
+            segments = segments + [chained_probe_segment(answer, prompts, lead)]
+        else:
+            segments = segments + probe_segments(answer, prompts)
         report = self._absorber.absorb(
             prefix, context, segments, base_teacher=base_teacher, probes=len(prompts),
             teacher_seconds=time.perf_counter() - start,
