@@ -3,7 +3,8 @@
 Implements Absorber LLM (arXiv 2604.20915): old conversation leaves the
 prompt and is written into a LoRA adapter by matching the hidden states of
 the adapted, contextless model to those of the frozen model that still reads
-it. See `ParametricMemory` for one conversation.
+it. `AbsorberMemory` serves many sessions with background absorption;
+`ParametricMemory` is one conversation, absorbed in the foreground.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -15,13 +16,19 @@ from .errors import (
     AbsorptionError,
     ConfigError,
     InvalidMessageError,
+    InvalidSessionError,
+    JobCancelled,
     ModelLoadError,
     StorageError,
     TemplateError,
 )
+from .executor import Executor, JobResult, JobSpec, LocalExecutor, run_job
 from .memory import ParametricMemory
 from .metrics import FidelityReport, fidelity
 from .models import DEFAULT_MODEL, load_model
+from .queue import AbsorptionQueue, JobHandle, JobInfo
+from .sessions import AbsorberMemory
+from .store import StoredMessage
 
 try:
     __version__ = version("absorber-memory")
@@ -32,16 +39,28 @@ __all__ = [
     "DEFAULT_MODEL",
     "AbsorberConfig",
     "AbsorberError",
+    "AbsorberMemory",
     "AbsorptionError",
+    "AbsorptionQueue",
     "AbsorptionReport",
     "ConfigError",
+    "Executor",
     "FidelityReport",
     "InvalidMessageError",
+    "InvalidSessionError",
+    "JobCancelled",
+    "JobHandle",
+    "JobInfo",
+    "JobResult",
+    "JobSpec",
+    "LocalExecutor",
     "ModelLoadError",
     "ParametricMemory",
     "StorageError",
+    "StoredMessage",
     "TemplateError",
     "__version__",
     "fidelity",
     "load_model",
+    "run_job",
 ]

@@ -17,6 +17,7 @@ system prompt there), so the student sees exactly what inference sees.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -87,6 +88,7 @@ class ChatFormat:
         if getattr(tokenizer, "chat_template", None) is None:
             raise TemplateError("the tokenizer has no chat template; set `tokenizer.chat_template` first")
         self.tokenizer = tokenizer
+        self._lock = threading.Lock()
         self._piece = lru_cache(maxsize=cache_size)(self._piece_uncached)
         self._generation_prompt = self._find_generation_prompt()
         self._default_header = self._find_default_header()
@@ -130,7 +132,9 @@ class ChatFormat:
 
     # --- tokens --------------------------------------------------------------------
     def _encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Fast tokenizers raise "Already borrowed" when two threads use one at once.
+        with self._lock:
+            return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _piece_uncached(self, role: str, content: str) -> tuple[str, tuple[int, ...]]:
         text = self.message_text({"role": role, "content": content})

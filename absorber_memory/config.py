@@ -103,6 +103,14 @@ class AbsorberConfig(BaseModel):
     # --- generation ------------------------------------------------------------
     max_new_tokens: int = Field(128, gt=0, description="Default answer length for `generate`.")
 
+    # --- many sessions (AbsorberMemory) -------------------------------------------
+    absorb_workers: int = Field(1, ge=1, le=64, description="Training threads (each a replica sharing base weights).")
+    max_loaded_adapters: int = Field(8, ge=1, le=10_000, description="Session adapters kept loaded for inference (LRU).")
+    context_tokens: int | None = Field(
+        None, gt=0,
+        description="Most window tokens put in a prompt while absorption catches up (None: model context - max_new_tokens).",
+    )
+
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)

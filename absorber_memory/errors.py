@@ -35,3 +35,11 @@ class AbsorptionError(AbsorberError, RuntimeError):
 
 class StorageError(AbsorberError, OSError):
     """Saved memory is missing, corrupt, or was made for another base model."""
+
+
+class InvalidSessionError(AbsorberError, ValueError):
+    """A session or user id is malformed, unknown, or belongs to another user."""
+
+
+class JobCancelled(AbsorberError):
+    """An absorption job was cancelled (or its session forgotten) while it ran."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ ADAPTER_DIR = "adapter"
 _IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 
 
-def _lora_config(config: AbsorberConfig) -> Any:
+def lora_config(config: AbsorberConfig) -> Any:
+    """The PEFT `LoraConfig` for a memory's settings."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -55,7 +56,33 @@ def _lora_config(config: AbsorberConfig) -> Any:
     )
 
 
-def _as_config(config: AbsorberConfig | dict[str, Any] | None) -> AbsorberConfig:
+def base_model(model: str | Any, tokenizer: Any | None, config: AbsorberConfig) -> tuple[Any, Any]:
+    """`(base model, tokenizer)` from a name/path (loaded per `config`) or a loaded model and its tokenizer."""
+    from peft import PeftModel
+
+    if isinstance(model, (str, Path)):
+        base, loaded_tokenizer = load_model(
+            str(model), device=config.device, dtype=config.dtype, num_threads=config.num_threads
+        )
+        tokenizer = tokenizer or loaded_tokenizer
+    else:
+        if tokenizer is None:
+            raise ConfigError("`tokenizer` is required when `model` is a loaded model")
+        if isinstance(model, PeftModel):
+            raise ConfigError("`model` is already a PeftModel; pass the base model instead")
+        if any(hasattr(m, "lora_A") for m in model.modules()):
+            raise ConfigError(
+                "`model` already has LoRA layers (is another memory using it?); pass a fresh model or a model name"
+            )
+        set_threads(config.num_threads)
+        base = model
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return base, tokenizer
+
+
+def as_config(config: AbsorberConfig | dict[str, Any] | None) -> AbsorberConfig:
+    """An `AbsorberConfig` from None (defaults), a config, or a dict of fields."""
     if config is None:
         return AbsorberConfig()
     if isinstance(config, AbsorberConfig):
@@ -83,27 +110,14 @@ class ParametricMemory:
         tokenizer: Any | None = None,
         config: AbsorberConfig | dict[str, Any] | None = None,
     ) -> None:
-        from peft import PeftModel, get_peft_model
+        from peft import get_peft_model
 
-        self.config = _as_config(config)
-        if isinstance(model, (str, Path)):
-            base, loaded_tokenizer = load_model(
-                str(model), device=self.config.device, dtype=self.config.dtype, num_threads=self.config.num_threads
-            )
-            tokenizer = tokenizer or loaded_tokenizer
-        else:
-            if tokenizer is None:
-                raise ConfigError("`tokenizer` is required when `model` is a loaded model")
-            if isinstance(model, PeftModel):
-                raise ConfigError("`model` is already a PeftModel; pass the base model instead")
-            set_threads(self.config.num_threads)
-            base = model
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self.config = as_config(config)
+        base, tokenizer = base_model(model, tokenizer, self.config)
         self.base_identity = model_identity(base)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            self._model = get_peft_model(base, _lora_config(self.config), adapter_name=ADAPTER)
+            self._model = get_peft_model(base, lora_config(self.config), adapter_name=ADAPTER)
         self._model.eval()
         self._tokenizer = tokenizer
         self.fmt = ChatFormat(tokenizer)
@@ -236,25 +250,70 @@ class ParametricMemory:
         self, prefix: list[Message], context: list[Message], segments: list[list[Message]], n_probes: int,
         lead: list[Message] | None = None,
     ) -> AbsorptionReport:
-        """Algorithm 1 with probes; with `lead` (following turns) the probes are asked after it, in one segment."""
-        base_teacher = not self._log  # first absorption: the frozen model is the teacher
+        """Algorithm 1 on this memory's own history (the first absorption is taught by the frozen model)."""
+        return self.absorb_turns(
+            prefix, context, segments, n_probes=n_probes, lead=lead, base_teacher=not self._log, round_index=len(self._log)
+        )
+
+    def absorb_turns(
+        self,
+        prefix: list[Message],
+        context: list[Message],
+        segments: list[list[Message]] | None = None,
+        *,
+        n_probes: int,
+        lead: list[Message] | None = None,
+        base_teacher: bool,
+        round_index: int = 0,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> AbsorptionReport:
+        """Algorithm 1 with probes, on already validated messages; the engine under `absorb` and job runners.
+
+        Args:
+            prefix: system message(s), read by teacher and student, never absorbed.
+            context: C.
+            segments: given sync segments S (may be empty).
+            n_probes: probes to generate and answer with the teacher.
+            lead: following turns; when given, the probes are asked after them in one segment.
+            base_teacher: the teacher is the frozen model (no absorption yet) rather than the current adapter.
+            round_index: which absorption this is (rotates the probe prompts).
+            on_step: `on_step(step, loss)` after each loss; may raise to cancel (the adapter rolls back).
+        """
         start = time.perf_counter()
-        prompts = pick_probes(self.config.probe_prompts, n_probes, len(self._log))
+        prompts = pick_probes(self.config.probe_prompts, n_probes, round_index)
 
         def answer(question: list[Message]) -> str:
             return self._generate(prefix, context + question, self.config.probe_max_new_tokens, base_teacher)
 
+        segments = list(segments or [])
         if lead:
-            segments = segments + [chained_probe_segment(answer, prompts, lead)]
+            segments.append(chained_probe_segment(answer, prompts, lead))
         else:
-            segments = segments + probe_segments(answer, prompts)
+            segments += probe_segments(answer, prompts)
         report = self._absorber.absorb(
             prefix, context, segments, base_teacher=base_teacher, probes=len(prompts),
-            teacher_seconds=time.perf_counter() - start,
+            teacher_seconds=time.perf_counter() - start, on_step=on_step,
         )
         log.info("absorbed %d tokens in %d steps (%.1f s), loss %.4f -> %.4f", report.context_tokens,
                  report.steps, report.seconds, report.initial_loss, report.final_loss)
         return report
+
+    # --- the adapter's weights ----------------------------------------------------------
+    def reset_adapter(self) -> None:
+        """Re-initialise the adapter as new (B = 0, so the model equals the base), seeded by `seed`."""
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(self.config.seed)
+            for module in self._model.modules():
+                if hasattr(module, "reset_lora_parameters") and ADAPTER in getattr(module, "lora_A", {}):
+                    module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+
+    def load_adapter(self, folder: str | Path) -> None:
+        """Replace the adapter's weights with a PEFT folder's (shapes and values checked)."""
+        load_adapter_weights(self._model, ADAPTER, Path(folder))
+
+    def save_adapter(self, folder: str | Path) -> None:
+        """Write the adapter as a PEFT folder (not atomic; see `persistence.atomic_write_dir`)."""
+        save_adapter(self._model, ADAPTER, Path(folder))
 
     # --- generation --------------------------------------------------------------------
     def _generate(self, prefix: list[Message], messages: list[Message], max_new_tokens: int, base: bool,

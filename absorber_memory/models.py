@@ -183,3 +183,29 @@ def model_identity(model: Any) -> dict[str, Any]:
     ident = {k: getattr(cfg, k, None) for k in keys}
     ident["name"] = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
     return ident
+
+
+def replica(model: Any) -> Any:
+    """A second module tree over the same weight tensors (no copy), for a training thread.
+
+    Inference and absorption each inject their own LoRA layers and switch
+    their own adapters, so a worker thread training one session never changes
+    what another thread generates with; the frozen base weights, which are
+    only read, are shared and cost no extra memory.
+    """
+    with torch.device("meta"):
+        twin = type(model)(model.config)
+    twin.load_state_dict(model.state_dict(), assign=True, strict=True)
+    buffers = dict(model.named_buffers())
+    for name, buf in list(twin.named_buffers()):  # non-persistent buffers (e.g. rotary inv_freq)
+        if buf.is_meta:
+            owner_name, _, attr = name.rpartition(".")
+            owner = twin.get_submodule(owner_name) if owner_name else twin
+            owner.register_buffer(attr, buffers[name], persistent=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        twin.tie_weights()
+    meta = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.is_meta]
+    if meta:
+        raise ModelLoadError(f"could not share the weights of {type(model).__name__}: {meta[:3]} left unset")
+    twin.generation_config = model.generation_config
+    return twin.eval()

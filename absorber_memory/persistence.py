@@ -91,7 +91,8 @@ def save_adapter(model: Any, adapter: str, folder: Path) -> None:
     """Write `adapter` as a PEFT folder (`adapter_model.safetensors` + `adapter_config.json`)."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    # No embedding layers: LoRA never touches them, and "auto" would look the model up on the Hub.
+    state = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -109,7 +110,7 @@ def load_adapter_weights(model: Any, adapter: str, folder: Path) -> None:
         raise StorageError(f"{path} is missing") from exc
     except Exception as exc:  # safetensors raises its own error types on bad bytes
         raise StorageError(f"{path} is corrupt: {exc}") from exc
-    current = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    current = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items()}
     expected = set(current)
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

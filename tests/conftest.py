@@ -52,3 +52,39 @@ def make_memory(tokenizer):
 def chat(*turns: str) -> list[dict]:
     """Alternating user/assistant messages from plain strings."""
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+#: Small windows so a few short turns overflow and queue absorption jobs.
+SERVICE = dict(FAST, max_steps=4, window_tokens=60, absorb_tokens=30, sync_tokens=30)
+
+
+@pytest.fixture
+def make_service(tokenizer, tmp_path):
+    """Build AbsorberMemory on a fresh tiny model in `tmp_path/data`; closed after the test."""
+    from absorber_memory import AbsorberMemory
+
+    opened = []
+
+    def make(data_dir=None, wrap=None, seed: int = 0, **overrides):
+        """`wrap(local_executor)` may return an executor around the default one (to slow or break jobs)."""
+        from absorber_memory import LocalExecutor
+
+        config = AbsorberConfig(**{**SERVICE, **overrides})
+        model = tiny_model(tokenizer, seed=seed)
+        executor = None if wrap is None else wrap(LocalExecutor(model, tokenizer, config, config.absorb_workers))
+        memory = AbsorberMemory(model, tokenizer=tokenizer, config=config,
+                                data_dir=data_dir or tmp_path / "data", executor=executor)
+        opened.append(memory)
+        return memory
+
+    yield make
+    for memory in opened:
+        memory.close()
+
+
+def turn(i: int, who: str = "Ana") -> list[dict]:
+    """One user/assistant exchange with a distinctive fact."""
+    return [
+        {"role": "user", "content": f"My name is {who} and I was born in {1980 + i}. I live in Lisbon."},
+        {"role": "assistant", "content": f"Hello {who}! Tell me more about yourself, number {i}."},
+    ]

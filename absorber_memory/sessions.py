@@ -1,0 +1,436 @@
+"""`AbsorberMemory`: many conversations over one base model, absorbed in the background.
+
+The object agents hold. It owns one base model, a durable `Store` (SQLite +
+adapter folders), an `AbsorptionQueue` and an `AdapterCache`. Messages are
+scoped by `session_id` (LangGraph's `thread_id`, LlamaIndex's `session_id`)
+and optionally `user_id`. Adding messages stores them durably, then plans
+Algorithm 2 on the part of the window no job has claimed yet and queues one
+job per absorption round; the call returns at once. A job trains on a
+replica, writes a new adapter version, and only then, in one transaction,
+marks its messages absorbed and moves the session to that version
+(see `store.py` for the durability argument). Until then the messages stay
+in the window, so a prompt built meanwhile holds the last committed adapter
+plus every unabsorbed turn: nothing is missing and nothing is doubled.
+
+Choices the issue left open, written down:
+- A job that fails or is cancelled also cancels the later queued jobs of its
+  session: the adapter absorbs turns in order, so later turns wait until
+  the next `add_messages` (or `schedule`) plans them again, oldest first.
+- `forget_messages` on an absorbed message drops the session's adapter at
+  once (the old adapter holds what was forgotten), returns every remaining
+  message to the window, and re-absorbs them in the background.
+- While a backlog is absorbed, `context_messages` caps the window at
+  `context_tokens` (default: the model's context minus `max_new_tokens`),
+  leaving out the oldest pending turns from the prompt (not the store).
+- `close()` interrupts a running job; it stays queued and resumes on reopen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .adapters import AdapterCache
+from .chat import ChatFormat, Message, split_prefix, validate_messages
+from .config import AbsorberConfig
+from .errors import InvalidMessageError, JobCancelled, StorageError
+from .executor import Executor, JobResult, JobSpec, LocalExecutor
+from .generation import generate_ids
+from .memory import as_config, base_model, lora_config
+from .models import DEFAULT_MODEL, absorber_home, model_identity
+from .queue import AbsorptionQueue, JobHandle, JobInfo
+from .recovery import recover_sessions
+from .store import PENDING, JobRow, Store, StoredMessage, check_id, session_key
+from .stream import plan_absorption, turn_spans
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SESSION = "default"
+_IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+class AbsorberMemory:
+    """Long-term memory for many conversations: old turns absorbed into per-session LoRA adapters.
+
+    Args:
+        model: "smollm2-135m-instruct" (default, embedded), a Hugging Face id,
+            a local path, or a loaded `PreTrainedModel` (with `tokenizer`).
+        tokenizer: required when `model` is a loaded model.
+        config: an `AbsorberConfig` or a dict of its fields.
+        data_dir: where messages, jobs and adapters live (default `$ABSORBER_HOME`,
+            else `~/.cache/absorber-memory`). One process per directory.
+        executor: runs absorption jobs (default: threads in this process).
+    """
+
+    def __init__(
+        self,
+        model: str | Any = DEFAULT_MODEL,
+        *,
+        tokenizer: Any | None = None,
+        config: AbsorberConfig | dict[str, Any] | None = None,
+        data_dir: str | Path | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        self.config = as_config(config)
+        self.data_dir = Path(data_dir) if data_dir is not None else absorber_home()
+        base, self.tokenizer = base_model(model, tokenizer, self.config)
+        self.model_name: str | None = str(model) if isinstance(model, (str, Path)) else None
+        self._store = Store(self.data_dir)
+        try:
+            self._check_base(model_identity(base))
+            self.fmt = ChatFormat(self.tokenizer)
+            self._context_limit = self.config.context_tokens or (
+                getattr(base.config, "max_position_embeddings", 1 << 30) - self.config.max_new_tokens
+            )
+            self._lock = threading.RLock()
+            self._specs: dict[int, JobSpec] = {}
+            executor = executor or LocalExecutor(base, self.tokenizer, self.config, self.config.absorb_workers)
+            self._cache = AdapterCache(base, lora_config(self.config), self.config.max_loaded_adapters)
+            recover_sessions(self)
+            self._queue = AbsorptionQueue(executor, self, workers=self.config.absorb_workers)
+            for job in self._store.jobs(statuses=PENDING):
+                self._queue.submit(job.id, job.session_id)
+        except BaseException:
+            self._store.close()
+            raise
+
+    def _check_base(self, identity: dict[str, Any]) -> None:
+        saved = self._store.get_meta("base_model")
+        if saved is None:
+            self._store.set_meta("base_model", json.dumps(identity))
+            return
+        recorded = json.loads(saved)
+        mismatch = {k: (recorded.get(k), identity[k]) for k in _IDENTITY_KEYS if recorded.get(k) != identity[k]}
+        if mismatch:
+            raise StorageError(
+                f"data directory {self.data_dir} holds adapters for another base model: (saved, given) = {mismatch}"
+            )
+
+    # --- paths and committed state ------------------------------------------------------------
+    def session_dir(self, session_id: str) -> Path:
+        return self.data_dir / "sessions" / session_key(session_id)
+
+    def adapter_dir(self, session_id: str, version: int) -> Path:
+        return self.session_dir(session_id) / "adapters" / f"v{version}"
+
+    def adapter_path(self, session_id: str = DEFAULT_SESSION) -> Path | None:
+        """The session's committed adapter (a PEFT folder, e.g. for vLLM), or None before any absorption."""
+        committed = self._committed(check_id(session_id))
+        return None if committed is None else committed[1]
+
+    def _committed(self, session_id: str) -> tuple[int, Path] | None:
+        row = self._store.session(session_id)
+        if row is None or row.adapter_version is None:
+            return None
+        return row.adapter_version, self.adapter_dir(session_id, row.adapter_version)
+
+    # --- reading a session -----------------------------------------------------------------------
+    def sessions(self, user_id: str | None = None) -> list[str]:
+        """Session ids, oldest first (of one user, if given)."""
+        return self._store.sessions(None if user_id is None else check_id(user_id, "user_id"))
+
+    def transcript(self, session_id: str = DEFAULT_SESSION) -> list[StoredMessage]:
+        """Every stored message of the session, absorbed or not, oldest first."""
+        return self._store.messages(check_id(session_id))
+
+    def window(self, session_id: str = DEFAULT_SESSION) -> list[StoredMessage]:
+        """The session's unabsorbed conversation messages (system messages excluded)."""
+        return [m for m in self._store.messages(check_id(session_id), window_only=True) if m.role != "system"]
+
+    def prefix(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
+        """The session's system message(s): always in the prompt, never absorbed."""
+        return [m.as_chat() for m in self._store.messages(check_id(session_id), window_only=True) if m.role == "system"]
+
+    def window_tokens(self, session_id: str = DEFAULT_SESSION) -> int:
+        """Tokens the session's window takes in the prompt now."""
+        return sum(self.fmt.count(m.as_chat()) for m in self.window(session_id))
+
+    def context_messages(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
+        """What to send to the model now: the prefix and the unabsorbed window (capped, see module doc)."""
+        prefix = self.prefix(session_id)
+        window = [m.as_chat() for m in self.window(session_id)]
+        counts = [self.fmt.count(m) for m in window]
+        budget = self._context_limit - len(self.fmt.prefix_ids(prefix))
+        spans = turn_spans([m["role"] for m in window])
+        start = spans[-1][0] if spans else 0  # the newest turn stays even if it alone is too long
+        for begin, _ in spans:
+            if sum(counts[begin:]) <= budget:
+                start = begin
+                break
+        if start:
+            log.warning("session %r: %d pending messages left out of the prompt until absorbed", session_id, start)
+        return prefix + window[start:]
+
+    # --- adding messages and planning absorption -----------------------------------------------
+    def add_message(self, role: str, content: str, *, session_id: str = DEFAULT_SESSION,
+                    user_id: str | None = None) -> int:
+        """Add one message; see `add_messages`. Returns its id."""
+        return self.add_messages([{"role": role, "content": content}], session_id=session_id, user_id=user_id)[0]
+
+    def add_messages(self, messages: list[dict[str, Any]], *, session_id: str = DEFAULT_SESSION,
+                     user_id: str | None = None) -> list[int]:
+        """Store messages durably and, with `auto_absorb`, queue absorption of any overflow.
+
+        Returns the new messages' ids at once; absorption runs in the
+        background (`flush` waits for it). System messages are accepted only
+        before the session's conversation starts (they are its prefix).
+        """
+        sid = check_id(session_id)
+        uid = None if user_id is None else check_id(user_id, "user_id")
+        clean = validate_messages(messages)
+        prefix, _ = split_prefix(clean)
+        with self._lock:
+            with self._store.transaction() as db:
+                self._store.ensure_session(db, sid, uid)
+                started = db.execute("SELECT 1 FROM messages WHERE session_id = ? AND role != 'system' LIMIT 1",
+                                     (sid,)).fetchone()
+                if prefix and started:
+                    raise InvalidMessageError("system messages must come before the session's conversation starts")
+                ids = self._store.insert_messages(db, sid, clean)
+            if self.config.auto_absorb:
+                self._schedule(sid)
+        return ids
+
+    def schedule(self, session_id: str = DEFAULT_SESSION) -> list[JobHandle]:
+        """Queue absorption rounds for the session's unclaimed overflow (automatic with `auto_absorb`)."""
+        with self._lock:
+            return self._schedule(check_id(session_id))
+
+    def _schedule(self, sid: str) -> list[JobHandle]:
+        claimed = [i for job in self._store.jobs(sid, PENDING) for i in job.context_ids]
+        free = [m for m in self.window(sid) if m.id > max(claimed, default=0)]
+        cfg, rounds = self.config, []
+        while True:
+            plan = plan_absorption([self.fmt.count(m.as_chat()) for m in free], [m.role for m in free],
+                                   window_tokens=cfg.window_tokens, absorb_tokens=cfg.absorb_tokens,
+                                   sync_tokens=cfg.sync_tokens)
+            if plan is None:
+                break
+            rounds.append(([m.id for m in free[: plan.absorb]], [m.id for m in free[plan.absorb : plan.absorb + plan.sync]]))
+            free = free[plan.absorb :]
+        if not rounds:
+            return []
+        with self._store.transaction() as db:
+            job_ids = [self._store.insert_job(db, sid, c, s) for c, s in rounds]
+        log.info("session %r: queued absorption jobs %s", sid, job_ids)
+        return [self._queue.submit(j, sid) for j in job_ids]
+
+    # --- generation -------------------------------------------------------------------------------------
+    def generate(self, messages: list[dict[str, Any]] | None = None, *, session_id: str = DEFAULT_SESSION,
+                 **generation_kwargs: Any) -> str:
+        """Answer with the session's committed adapter.
+
+        Args:
+            messages: the conversation to answer (default: `context_messages`);
+                without leading system messages, the session's prefix is used.
+            session_id: whose adapter to use.
+            generation_kwargs: passed to `model.generate` (`max_new_tokens`, `do_sample`, ...).
+        """
+        sid = check_id(session_id)
+        msgs = self.context_messages(sid) if messages is None else validate_messages(messages)
+        prefix, rest = split_prefix(msgs)
+        ids = self.fmt.encode(prefix or self.prefix(sid), rest, add_generation_prompt=True)
+        max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
+        with self._cache.use(session_key(sid), lambda: self._committed(sid)) as model:
+            new = generate_ids(model, self.tokenizer, ids, max_new, **generation_kwargs)
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    # --- jobs ----------------------------------------------------------------------------------------------
+    def jobs(self, session_id: str | None = None, status: str | None = None) -> list[JobInfo]:
+        """Absorption jobs (of one session, with one status), oldest first."""
+        sid = None if session_id is None else check_id(session_id)
+        return [self._info(row) for row in self._store.jobs(sid, (status,) if status else None)]
+
+    def job(self, job_id: int) -> JobInfo:
+        """One job's state, with live step/loss while it runs."""
+        return self.info(job_id)
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a queued or running job (and its session's later queued ones); False if not pending."""
+        return self._queue.cancel(job_id)
+
+    def flush_sync(self, session_id: str | None = None, timeout: float | None = None) -> list[JobInfo]:
+        """Block until no job is pending (for one session, or all); returns the jobs that ended meanwhile."""
+        sid = None if session_id is None else check_id(session_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ended: dict[int, JobInfo] = {}
+        while futures := self._queue.pending(sid):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, waiting = concurrent.futures.wait(futures, timeout=left)
+            if waiting:
+                raise TimeoutError(f"{len(waiting)} absorption job(s) still pending after {timeout} s")
+            for f in done:
+                if f.exception() is None:
+                    ended[f.result().id] = f.result()
+        return [ended[k] for k in sorted(ended)]
+
+    async def flush(self, session_id: str | None = None, timeout: float | None = None) -> list[JobInfo]:
+        """Async `flush_sync`: wait for pending absorption without blocking the event loop."""
+        return await asyncio.to_thread(self.flush_sync, session_id, timeout)
+
+    # --- forgetting ------------------------------------------------------------------------------------------
+    def forget(self, session_id: str) -> bool:
+        """Delete a session: messages, jobs and adapters. Returns whether it existed."""
+        sid = check_id(session_id)
+        self._queue.cancel_session(sid, "session forgotten")
+        with self._lock:
+            existed = self._store.session(sid) is not None
+            with self._store.transaction() as db:
+                for table in ("messages", "jobs", "sessions"):
+                    db.execute(f"DELETE FROM {table} WHERE session_id = ?", (sid,))
+            self._cache.evict(session_key(sid))
+            shutil.rmtree(self.session_dir(sid), ignore_errors=True)
+        log.info("forgot session %r", sid)
+        return existed
+
+    def forget_user(self, user_id: str) -> list[str]:
+        """Forget every session of a user; returns their ids."""
+        sessions = self.sessions(user_id)
+        for sid in sessions:
+            self.forget(sid)
+        return sessions
+
+    def forget_messages(self, session_id: str, message_ids: list[int]) -> list[JobHandle]:
+        """Delete specific messages; if any was absorbed, rebuild the adapter from the rest in the background."""
+        sid = check_id(session_id)
+        if not isinstance(message_ids, (list, tuple, set)) or not all(type(i) is int for i in message_ids):
+            raise InvalidMessageError(f"`message_ids` must be a list of ints, got {message_ids!r}")
+        stored = {m.id: m for m in self._store.messages(sid)}
+        unknown = sorted(set(message_ids) - set(stored))
+        if unknown:
+            raise InvalidMessageError(f"`message_ids` {unknown[:5]} are not messages of session {sid!r}")
+        self._queue.cancel_session(sid, "messages forgotten")
+        with self._lock:
+            rebuild = any(stored[i].absorbed for i in message_ids)
+            with self._store.transaction() as db:
+                db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in message_ids])
+                if rebuild:
+                    db.execute("UPDATE messages SET absorbed_version = NULL WHERE session_id = ?", (sid,))
+                    db.execute("UPDATE sessions SET adapter_version = NULL, rounds = 0 WHERE session_id = ?", (sid,))
+            if rebuild:
+                self._cache.evict(session_key(sid))
+                shutil.rmtree(self.session_dir(sid) / "adapters", ignore_errors=True)
+            return self._schedule(sid)
+
+    # --- queue hooks (called from worker threads) --------------------------------------------------------
+    def prepare(self, job_id: int) -> JobSpec:
+        with self._lock:
+            job = self._store.job(job_id)
+            if job is None or job.status not in PENDING:
+                raise JobCancelled(f"job {job_id} was deleted before it started")
+            msgs = self._store.messages_by_id(job.context_ids + job.sync_ids)
+            if len(msgs) < len(set(job.context_ids + job.sync_ids)) or any(msgs[i].absorbed for i in job.context_ids):
+                raise JobCancelled(f"job {job_id}: its messages were forgotten or absorbed meanwhile")
+            session = self._store.session(job.session_id)
+            version = self._store.reserve_version(job.session_id)
+            self._store.set_job_status(job_id, "running")
+            spec = JobSpec(
+                job_id=job_id, session_id=job.session_id, model=self.model_name,
+                config=self.config.model_dump(mode="json"), prefix=self.prefix(job.session_id),
+                context=[msgs[i].as_chat() for i in job.context_ids], following=[msgs[i].as_chat() for i in job.sync_ids],
+                base_adapter=None if session.adapter_version is None else str(self.adapter_dir(job.session_id, session.adapter_version)),
+                base_version=session.adapter_version, output=str(self.adapter_dir(job.session_id, version)),
+                version=version, round_index=session.rounds,
+            )
+            self._specs[job_id] = spec
+        return spec
+
+    def commit(self, job_id: int, result: JobResult) -> None:
+        with self._lock:
+            spec = self._specs.pop(job_id)
+            job, session = self._store.job(job_id), self._store.session(spec.session_id)
+            if job is None or job.status != "running" or session is None or session.adapter_version != spec.base_version:
+                shutil.rmtree(result.output, ignore_errors=True)
+                raise JobCancelled(f"job {job_id}: its session changed while it ran; result discarded")
+            self.commit_version(job, result.version, result.report, spec.base_version)
+
+    def commit_version(self, job: JobRow, version: int, report: dict[str, Any], previous: int | None) -> None:
+        """Mark a job's messages absorbed into adapter `version` (already durable), in one transaction."""
+        with self._store.transaction() as db:
+            db.executemany("UPDATE messages SET absorbed_version = ? WHERE id = ? AND absorbed_version IS NULL",
+                           [(version, i) for i in job.context_ids])
+            db.execute("UPDATE sessions SET adapter_version = ?, rounds = rounds + 1 WHERE session_id = ?",
+                       (version, job.session_id))
+            db.execute("UPDATE jobs SET status = 'done', finished = ?, metrics = ?, adapter_version = ?, error = NULL "
+                       "WHERE id = ?", (time.time(), json.dumps(report), version, job.id))
+        if previous is not None:
+            shutil.rmtree(self.adapter_dir(job.session_id, previous), ignore_errors=True)
+        log.info("session %r: job %d absorbed %d messages (%s tokens, %s steps, %.1f s) into v%d", job.session_id,
+                 job.id, len(job.context_ids), report.get("context_tokens"), report.get("steps"),
+                 report.get("seconds", 0.0), version)
+
+    def finish(self, job_id: int, status: str, error: str) -> None:
+        with self._lock:
+            spec = self._specs.pop(job_id, None)
+            if spec is not None:
+                shutil.rmtree(spec.output, ignore_errors=True)
+            job = self._store.job(job_id)
+            if job is None:
+                return
+            if status == "interrupted":
+                self._store.set_job_status(job_id, "queued")
+                return
+            self._store.set_job_status(job_id, status, error=error)
+        if status == "failed":
+            log.warning("session %r: job %d failed (%s); its messages stay in the window", job.session_id, job_id, error)
+        self._queue.drop_queued(job.session_id, f"an earlier job of this session ({job_id}) was {status}")
+
+    def info(self, job_id: int) -> JobInfo:
+        row = self._store.job(job_id)
+        if row is None:
+            return JobInfo(id=job_id, session_id="", status="cancelled", message_ids=[], sync_ids=[], created=0.0,
+                           error="job deleted (its session or messages were forgotten)")
+        return self._info(row)
+
+    def _info(self, row: JobRow) -> JobInfo:
+        step, loss = (self._queue.progress(row.id) or (None, None)) if row.status == "running" else (None, None)
+        return JobInfo(id=row.id, session_id=row.session_id, status=row.status, message_ids=row.context_ids,
+                       sync_ids=row.sync_ids, created=row.created, started=row.started, finished=row.finished,
+                       error=row.error, step=step, loss=loss, adapter_version=row.adapter_version,
+                       metrics=row.metrics or {})
+
+    # --- lifecycle and async flavours ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the workers (a running job is interrupted and resumes on reopen) and close the store."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self._queue.close(cancel_running=True)
+        self._store.close()
+
+    def __enter__(self) -> AbsorberMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AbsorberMemory:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    async def aadd_messages(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        return await asyncio.to_thread(self.add_messages, messages, **kwargs)
+
+    async def agenerate(self, messages: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        return await asyncio.to_thread(self.generate, messages, **kwargs)
+
+    async def acontext_messages(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
+        return await asyncio.to_thread(self.context_messages, session_id)
+
+    async def aforget(self, session_id: str) -> bool:
+        return await asyncio.to_thread(self.forget, session_id)
+
+    async def aforget_user(self, user_id: str) -> list[str]:
+        return await asyncio.to_thread(self.forget_user, user_id)
+
+    async def aforget_messages(self, session_id: str, message_ids: list[int]) -> list[JobHandle]:
+        return await asyncio.to_thread(self.forget_messages, session_id, message_ids)
