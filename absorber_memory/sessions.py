@@ -252,6 +252,10 @@ class AbsorberMemory:
         """One job's state, with live step/loss while it runs."""
         return self.info(job_id)
 
+    def handle(self, job_id: int) -> JobHandle | None:
+        """A handle to await or cancel a pending job; None once it has ended."""
+        return self._queue.handle(job_id)
+
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job (and its session's later queued ones); False if not pending."""
         return self._queue.cancel(job_id)
