@@ -35,6 +35,12 @@ def generate_ids(model: Any, tokenizer: Any, input_ids: list[int], max_new_token
     return new[: new.index(eos)] if eos in new else new
 
 
+def generate_text(model: Any, tokenizer: Any, input_ids: list[int], max_new_tokens: int, **kwargs: Any) -> str:
+    """The answer `generate_ids` produces, decoded without special tokens and stripped."""
+    new = generate_ids(model, tokenizer, input_ids, max_new_tokens, **kwargs)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
 def right_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """`(input_ids, attention_mask)` for sequences padded on the right.
 

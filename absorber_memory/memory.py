@@ -27,8 +27,8 @@ from .absorber import Absorber, AbsorptionReport
 from .chat import ChatFormat, Message, split_prefix, validate_messages
 from .config import AbsorberConfig
 from .errors import ConfigError, InvalidMessageError, StorageError
-from .generation import generate_ids
-from .models import DEFAULT_MODEL, load_model, model_identity, set_threads
+from .generation import generate_text
+from .models import DEFAULT_MODEL, identity_mismatch, load_model, model_identity, set_threads
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
 from .probes import chained_probe_segment, pick_probes, probe_segments
 from .stream import plan_absorption
@@ -39,7 +39,6 @@ ADAPTER = "default"
 FORMAT_VERSION = 1
 STATE_FILE = "memory.json"
 ADAPTER_DIR = "adapter"
-_IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 
 
 def lora_config(config: AbsorberConfig) -> Any:
@@ -321,8 +320,7 @@ class ParametricMemory:
         ids = self.fmt.encode(prefix, messages, add_generation_prompt=True)
         ctx = self._model.disable_adapter() if base else contextlib.nullcontext()
         with ctx:
-            new = generate_ids(self._model, self._tokenizer, ids, max_new_tokens, **kwargs)
-        return self._tokenizer.decode(new, skip_special_tokens=True).strip()
+            return generate_text(self._model, self._tokenizer, ids, max_new_tokens, **kwargs)
 
     def generate(self, messages: list[dict[str, Any]] | None = None, **generation_kwargs: Any) -> str:
         """Answer `messages` (default: `context_messages()`) with the adapter active.
@@ -386,8 +384,7 @@ class ParametricMemory:
         if model is None:
             model = recorded.get("name") or DEFAULT_MODEL
         memory = cls(model, tokenizer=tokenizer, config=config)
-        mismatch = {k: (recorded.get(k), memory.base_identity[k]) for k in _IDENTITY_KEYS
-                    if recorded.get(k) != memory.base_identity[k]}
+        mismatch = identity_mismatch(recorded, memory.base_identity)
         if mismatch:
             raise StorageError(f"{path} was saved for another base model: (saved, given) = {mismatch}")
         load_adapter_weights(memory._model, ADAPTER, path / ADAPTER_DIR)

@@ -176,13 +176,21 @@ def load_model(
     return model, tokenizer
 
 
+#: Config fields that must match for an adapter to fit a base model (the name may differ).
+IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
 def model_identity(model: Any) -> dict[str, Any]:
-    """What must match for an adapter to fit a base model (architecture and name)."""
+    """What must match for an adapter to fit a base model (architecture), plus its name."""
     cfg = model.config
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
-    ident = {k: getattr(cfg, k, None) for k in keys}
+    ident = {k: getattr(cfg, k, None) for k in IDENTITY_KEYS}
     ident["name"] = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
     return ident
+
+
+def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`{field: (recorded, current)}` for each architecture field that differs; empty if they fit."""
+    return {k: (recorded.get(k), current.get(k)) for k in IDENTITY_KEYS if recorded.get(k) != current.get(k)}
 
 
 def replica(model: Any) -> Any:

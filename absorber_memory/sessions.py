@@ -42,9 +42,9 @@ from .chat import ChatFormat, Message, split_prefix, validate_messages
 from .config import AbsorberConfig
 from .errors import InvalidMessageError, JobCancelled, StorageError
 from .executor import Executor, JobResult, JobSpec, LocalExecutor
-from .generation import generate_ids
+from .generation import generate_text
 from .memory import as_config, base_model, lora_config
-from .models import DEFAULT_MODEL, absorber_home, model_identity
+from .models import DEFAULT_MODEL, absorber_home, identity_mismatch, model_identity
 from .queue import AbsorptionQueue, JobHandle, JobInfo
 from .recovery import recover_sessions
 from .store import PENDING, JobRow, Store, StoredMessage, check_id, session_key
@@ -53,7 +53,6 @@ from .stream import plan_absorption, turn_spans
 log = logging.getLogger(__name__)
 
 DEFAULT_SESSION = "default"
-_IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 
 
 class AbsorberMemory:
@@ -106,8 +105,7 @@ class AbsorberMemory:
         if saved is None:
             self._store.set_meta("base_model", json.dumps(identity))
             return
-        recorded = json.loads(saved)
-        mismatch = {k: (recorded.get(k), identity[k]) for k in _IDENTITY_KEYS if recorded.get(k) != identity[k]}
+        mismatch = identity_mismatch(json.loads(saved), identity)
         if mismatch:
             raise StorageError(
                 f"data directory {self.data_dir} holds adapters for another base model: (saved, given) = {mismatch}"
@@ -140,13 +138,18 @@ class AbsorberMemory:
         """Every stored message of the session, absorbed or not, oldest first."""
         return self._store.messages(check_id(session_id))
 
+    def _unabsorbed(self, session_id: str) -> tuple[list[Message], list[StoredMessage]]:
+        """`(prefix, window)` from one read: system messages, and the unabsorbed conversation."""
+        rows = self._store.messages(check_id(session_id), window_only=True)
+        return [m.as_chat() for m in rows if m.role == "system"], [m for m in rows if m.role != "system"]
+
     def window(self, session_id: str = DEFAULT_SESSION) -> list[StoredMessage]:
         """The session's unabsorbed conversation messages (system messages excluded)."""
-        return [m for m in self._store.messages(check_id(session_id), window_only=True) if m.role != "system"]
+        return self._unabsorbed(session_id)[1]
 
     def prefix(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
         """The session's system message(s): always in the prompt, never absorbed."""
-        return [m.as_chat() for m in self._store.messages(check_id(session_id), window_only=True) if m.role == "system"]
+        return self._unabsorbed(session_id)[0]
 
     def window_tokens(self, session_id: str = DEFAULT_SESSION) -> int:
         """Tokens the session's window takes in the prompt now."""
@@ -154,8 +157,8 @@ class AbsorberMemory:
 
     def context_messages(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
         """What to send to the model now: the prefix and the unabsorbed window (capped, see module doc)."""
-        prefix = self.prefix(session_id)
-        window = [m.as_chat() for m in self.window(session_id)]
+        prefix, rows = self._unabsorbed(session_id)
+        window = [m.as_chat() for m in rows]
         counts = [self.fmt.count(m) for m in window]
         budget = self._context_limit - len(self.fmt.prefix_ids(prefix))
         spans = turn_spans([m["role"] for m in window])
@@ -239,8 +242,7 @@ class AbsorberMemory:
         ids = self.fmt.encode(prefix or self.prefix(sid), rest, add_generation_prompt=True)
         max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
         with self._cache.use(session_key(sid), lambda: self._committed(sid)) as model:
-            new = generate_ids(model, self.tokenizer, ids, max_new, **generation_kwargs)
-        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            return generate_text(model, self.tokenizer, ids, max_new, **generation_kwargs)
 
     # --- jobs ----------------------------------------------------------------------------------------------
     def jobs(self, session_id: str | None = None, status: str | None = None) -> list[JobInfo]:
