@@ -272,11 +272,13 @@ class AbsorptionQueue:
         """Stop the workers; queued jobs stay durable and resume when the store is reopened."""
         with self._cond:
             self._closed = True
-            running = list(self._running)
+            # A running job may have just ended (its cancel event popped by `_end`) before
+            # its worker leaves `_running`, so look events up here, under the lock, with get.
+            stopping = [self._cancel.get(j) for j in self._running] if cancel_running else []
             self._cond.notify_all()
-        if cancel_running:
-            for job_id in running:
-                self._cancel[job_id].set()
+        for event in stopping:
+            if event is not None:
+                event.set()
         for t in self._threads:
             t.join(timeout)
         self._executor.close()
