@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from absorber_memory import JobSpec, ParametricMemory, run_job
+from absorber_memory import JobSpec, run_job
+from absorber_memory.executor import build_engine
 from absorber_memory.persistence import ADAPTER_WEIGHTS
 from absorber_memory.testing import tiny_model
 
@@ -167,19 +168,23 @@ def test_job_handle_can_be_awaited(make_service):
     assert infos and all(i.status == "done" for i in infos)
 
 
-def test_jobs_run_from_a_json_payload_on_a_separate_engine(make_service, tokenizer):
-    """The executor seam: a 'remote' worker gets only JSON and builds its own engine."""
+def test_jobs_run_from_a_json_payload_on_a_separate_engine(make_service, tokenizer, tmp_path):
+    """The executor seam: a 'remote' worker gets only JSON and builds its own engine from a model path."""
+    base_dir = tmp_path / "base"
+    tiny_model(tokenizer, seed=0).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
 
     class JsonRoundTrip:
         def __init__(self):
-            self.engine = ParametricMemory(tiny_model(tokenizer, seed=0), tokenizer=tokenizer,
-                                           config={**SERVICE, "auto_absorb": False})
+            self.engine = None  # built on the first job, as a worker process would
             self.payloads: list[str] = []
 
         def run(self, spec, on_step):
-            payload = spec.model_dump_json()
+            payload = spec.model_copy(update={"model": str(base_dir)}).model_dump_json()
             self.payloads.append(payload)
-            return run_job(self.engine, JobSpec.model_validate_json(payload), on_step)
+            remote = JobSpec.model_validate_json(payload)
+            self.engine = self.engine or build_engine(remote)
+            return run_job(self.engine, remote, on_step)
 
         def close(self):
             pass

@@ -234,6 +234,15 @@ def test_forget_messages_rebuilds_the_adapter_without_them(make_service):
     assert [m.id for m in memory.transcript()] == remaining
 
 
+@pytest.mark.parametrize("bad", ["1", [1.0], None, [True]])
+def test_forget_messages_refuses_ids_that_are_not_ints(make_service, bad):
+    memory = make_service(auto_absorb=False)
+    ids = memory.add_messages(turn(0))
+    with pytest.raises(InvalidMessageError, match="message_ids"):
+        memory.forget_messages("default", bad)
+    assert [m.id for m in memory.transcript()] == ids
+
+
 def test_job_metrics_are_recorded(make_service):
     memory = make_service()
     for k in range(4):
