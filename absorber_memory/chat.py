@@ -131,6 +131,10 @@ class ChatFormat:
         return self._render(prefix) if prefix else self._default_header
 
     # --- tokens --------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of raw text (no template, no special tokens added)."""
+        return list(self._encode(text))
+
     def _encode(self, text: str) -> tuple[int, ...]:
         # Fast tokenizers raise "Already borrowed" when two threads use one at once.
         with self._lock:

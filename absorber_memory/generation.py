@@ -1,15 +1,20 @@
-"""Greedy (or sampled) generation from token ids, and right-padded batching.
+"""Greedy (or sampled) generation from token ids, streaming, and right-padded batching.
 
 Small shared helpers: probes, `ParametricMemory.generate` and the fidelity
-metric all generate from ids that `ChatFormat` produced, and absorption runs
-several sync segments through the model as one right-padded batch.
+metric all generate from ids that `ChatFormat` produced; chat integrations
+stream text with stop strings through `TextStream`; absorption runs several
+sync segments through the model as one right-padded batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 
 def generate_ids(model: Any, tokenizer: Any, input_ids: list[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
@@ -54,3 +59,115 @@ def right_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tu
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+class _CountingStreamer(TextIteratorStreamer):
+    """A `TextIteratorStreamer` that also counts generated tokens and notes whether EOS ended them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.generated = 0
+        self.saw_eos = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:
+            flat = value.reshape(-1).tolist()
+            self.generated += len(flat)
+            self.saw_eos = self.saw_eos or self.eos_token_id in flat
+        super().put(value)
+
+
+class _Cancelled:
+    """A stopping criterion that ends generation once the reader has gone away."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TextStream:
+    """Text of one generation, piece by piece, as a background thread produces it.
+
+    The thread holds the model (via `model_scope`, e.g. the adapter lock)
+    for the whole generation, so the reader may iterate from any thread
+    (LangChain's async default resumes an iterator on executor threads).
+    Text is held back while it could still be the start of a stop string;
+    the stop string itself is never returned. Closing the iterator early
+    stops the generation at the next token. After iteration, `input_tokens`,
+    `output_tokens` and `finish_reason` ("stop" or "length") are set.
+
+    Args:
+        model_scope: a context-manager factory yielding the model to use.
+        tokenizer: decodes the new tokens.
+        input_ids: the prompt.
+        max_new_tokens: most tokens to generate.
+        stop: strings that end the answer (not included in it).
+        kwargs: passed to `model.generate` (`do_sample`, `temperature`, ...).
+    """
+
+    def __init__(self, model_scope: Callable[[], contextlib.AbstractContextManager[Any]], tokenizer: Any,
+                 input_ids: list[int], max_new_tokens: int, stop: list[str] | None = None, **kwargs: Any) -> None:
+        self.stop = [s for s in (stop or []) if s]
+        self.input_tokens = len(input_ids)
+        self.output_tokens = 0
+        self.finish_reason: str | None = None
+        self._max_new = max_new_tokens
+        self._cancel = threading.Event()
+        self._error: BaseException | None = None
+        self._streamer = _CountingStreamer(tokenizer)
+        self._thread = threading.Thread(
+            target=self._run, args=(model_scope, tokenizer, input_ids, kwargs), name="absorber-generate", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, model_scope: Callable[[], Any], tokenizer: Any, input_ids: list[int], kwargs: dict[str, Any]) -> None:
+        try:
+            settings: dict[str, Any] = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id,
+                                        "eos_token_id": tokenizer.eos_token_id}
+            settings.update(kwargs)
+            if not settings.get("do_sample"):
+                settings.update(temperature=None, top_p=None, top_k=None)
+            if self.stop:
+                settings.update(stop_strings=self.stop, tokenizer=tokenizer)
+            with model_scope() as model:
+                ids = torch.tensor([input_ids], device=next(model.parameters()).device)
+                with torch.no_grad():
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self._max_new,
+                                   streamer=self._streamer,
+                                   stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]), **settings)
+        except BaseException as exc:  # handed to the reader; the streamer must still end
+            self._error = exc
+            self._streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        text, sent = "", 0
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        try:
+            for piece in self._streamer:
+                text += piece
+                cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    if cut > sent:
+                        yield text[sent:cut]
+                    self.finish_reason = "stop"
+                    return
+                if len(text) - hold > sent:
+                    yield text[sent : len(text) - hold]
+                    sent = len(text) - hold
+            if self._error is not None:
+                raise self._error
+            if len(text) > sent:
+                yield text[sent:]
+        finally:
+            self._cancel.set()
+            self._thread.join()
+            self.output_tokens = self._streamer.generated
+            if self.finish_reason is None:
+                self.finish_reason = "stop" if self._streamer.saw_eos or self.output_tokens < self._max_new else "length"
+
+    def text(self) -> str:
+        """The whole answer (consumes the stream)."""
+        return "".join(self)

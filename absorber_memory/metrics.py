@@ -117,3 +117,27 @@ def fidelity(
     kl_absorbed, kl_dropped = totals["absorbed"] / tokens, totals["dropped"] / tokens
     gap = 1.0 - kl_absorbed / kl_dropped if kl_dropped > 0 else math.nan
     return FidelityReport(kl_absorbed, kl_dropped, gap, tokens, rows)
+
+
+class _SessionView:
+    """What `fidelity` reads from a `ParametricMemory`, for one `AbsorberMemory` session."""
+
+    def __init__(self, memory: Any, session_id: str, model: Any) -> None:
+        rows = [m for m in memory.transcript(session_id) if m.role != "system"]
+        self.prefix, self.fmt, self.model, self.tokenizer = memory.prefix(session_id), memory.fmt, model, memory.tokenizer
+        self.absorbed_messages = [m.as_chat() for m in rows if m.absorbed]
+        self.window = [m.as_chat() for m in rows if not m.absorbed]
+
+    def adapter_disabled(self) -> Any:
+        return self.model.disable_adapter()
+
+
+def session_fidelity(memory: Any, session_id: str, queries: list[str | list[dict[str, Any]]],
+                     **kwargs: Any) -> FidelityReport:
+    """`fidelity` for one session of an `AbsorberMemory`: its committed adapter vs. its absorbed turns.
+
+    The window is the session's unabsorbed messages; call `flush` first so
+    that none is pending. Keyword arguments are those of `fidelity`.
+    """
+    with memory._using(session_id) as model:
+        return fidelity(_SessionView(memory, session_id, model), queries, **kwargs)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import shutil
@@ -42,7 +43,7 @@ from .chat import ChatFormat, Message, split_prefix, validate_messages
 from .config import AbsorberConfig
 from .errors import InvalidMessageError, JobCancelled, StorageError
 from .executor import Executor, JobResult, JobSpec, LocalExecutor
-from .generation import generate_text
+from .generation import TextStream, generate_text
 from .memory import as_config, base_model, lora_config
 from .models import DEFAULT_MODEL, absorber_home, identity_mismatch, model_identity
 from .queue import AbsorptionQueue, JobHandle, JobInfo
@@ -81,6 +82,8 @@ class AbsorberMemory:
         self.data_dir = Path(data_dir) if data_dir is not None else absorber_home()
         base, self.tokenizer = base_model(model, tokenizer, self.config)
         self.model_name: str | None = str(model) if isinstance(model, (str, Path)) else None
+        #: A name for traces and logs (the id or path given, else the loaded model's `name_or_path`).
+        self.model_label: str = self.model_name or getattr(base.config, "name_or_path", "") or type(base).__name__
         self._store = Store(self.data_dir)
         try:
             self._check_base(model_identity(base))
@@ -155,13 +158,16 @@ class AbsorberMemory:
         """Tokens the session's window takes in the prompt now."""
         return sum(self.fmt.count(m.as_chat()) for m in self.window(session_id))
 
-    def context_messages(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
-        """What to send to the model now: the prefix and the unabsorbed window (capped, see module doc)."""
+    def context_rows(self, session_id: str = DEFAULT_SESSION) -> tuple[list[Message], list[StoredMessage]]:
+        """`(prefix, rows)`: the prefix and the stored window messages that go into the prompt now.
+
+        The window is capped at `context_tokens` while a backlog is absorbed
+        (see the module doc); rows carry their ids and caller keys.
+        """
         prefix, rows = self._unabsorbed(session_id)
-        window = [m.as_chat() for m in rows]
-        counts = [self.fmt.count(m) for m in window]
+        counts = [self.fmt.count(m.as_chat()) for m in rows]
         budget = self._context_limit - len(self.fmt.prefix_ids(prefix))
-        spans = turn_spans([m["role"] for m in window])
+        spans = turn_spans([m.role for m in rows])
         start = spans[-1][0] if spans else 0  # the newest turn stays even if it alone is too long
         for begin, _ in spans:
             if sum(counts[begin:]) <= budget:
@@ -169,7 +175,12 @@ class AbsorberMemory:
                 break
         if start:
             log.warning("session %r: %d pending messages left out of the prompt until absorbed", session_id, start)
-        return prefix + window[start:]
+        return prefix, rows[start:]
+
+    def context_messages(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
+        """What to send to the model now: the prefix and the unabsorbed window (capped, see module doc)."""
+        prefix, rows = self.context_rows(session_id)
+        return prefix + [m.as_chat() for m in rows]
 
     # --- adding messages and planning absorption -----------------------------------------------
     def add_message(self, role: str, content: str, *, session_id: str = DEFAULT_SESSION,
@@ -178,16 +189,29 @@ class AbsorberMemory:
         return self.add_messages([{"role": role, "content": content}], session_id=session_id, user_id=user_id)[0]
 
     def add_messages(self, messages: list[dict[str, Any]], *, session_id: str = DEFAULT_SESSION,
-                     user_id: str | None = None) -> list[int]:
+                     user_id: str | None = None, keys: list[str | None] | None = None,
+                     schedule: bool = True) -> list[int]:
         """Store messages durably and, with `auto_absorb`, queue absorption of any overflow.
 
         Returns the new messages' ids at once; absorption runs in the
         background (`flush` waits for it). System messages are accepted only
         before the session's conversation starts (they are its prefix).
+
+        Args:
+            messages: `{"role", "content"}` dicts.
+            session_id: the conversation (thread) they belong to.
+            user_id: owner of the session, for `forget_user`.
+            keys: the caller's id for each message (e.g. LangChain message
+                ids), unique within the session; lets a caller mirror its own
+                history without storing a message twice.
+            schedule: plan absorption now (set False to add first and call
+                `schedule` later, e.g. after `set_prefix`).
         """
         sid = check_id(session_id)
         uid = None if user_id is None else check_id(user_id, "user_id")
         clean = validate_messages(messages)
+        if keys is not None and (len(keys) != len(clean) or not all(k is None or isinstance(k, str) for k in keys)):
+            raise InvalidMessageError(f"`keys` must be a list of {len(clean)} strings or None, got {keys!r}")
         prefix, _ = split_prefix(clean)
         with self._lock:
             with self._store.transaction() as db:
@@ -196,10 +220,31 @@ class AbsorberMemory:
                                      (sid,)).fetchone()
                 if prefix and started:
                     raise InvalidMessageError("system messages must come before the session's conversation starts")
-                ids = self._store.insert_messages(db, sid, clean)
-            if self.config.auto_absorb:
+                ids = self._store.insert_messages(db, sid, clean, keys)
+            if self.config.auto_absorb and schedule:
                 self._schedule(sid)
         return ids
+
+    def set_prefix(self, session_id: str, system: list[dict[str, Any]] | str) -> bool:
+        """Replace the session's system prefix; returns whether it changed.
+
+        The prefix is never absorbed, but every absorption trains under the
+        prefix current when it starts, so set it before the first overflow
+        (adapters trained under an older prefix are kept).
+        """
+        sid = check_id(session_id)
+        wanted = validate_messages([{"role": "system", "content": system}] if isinstance(system, str) else system,
+                                   name="system")
+        if any(m["role"] != "system" for m in wanted):
+            raise InvalidMessageError("`system` must hold only system messages")
+        with self._lock:
+            if self.prefix(sid) == wanted:
+                return False
+            with self._store.transaction() as db:
+                self._store.ensure_session(db, sid, None)
+                db.execute("DELETE FROM messages WHERE session_id = ? AND role = 'system'", (sid,))
+                self._store.insert_messages(db, sid, wanted)
+        return True
 
     def schedule(self, session_id: str = DEFAULT_SESSION) -> list[JobHandle]:
         """Queue absorption rounds for the session's unclaimed overflow (automatic with `auto_absorb`)."""
@@ -226,6 +271,19 @@ class AbsorberMemory:
         return [self._queue.submit(j, sid) for j in job_ids]
 
     # --- generation -------------------------------------------------------------------------------------
+    def _prompt(self, sid: str, messages: list[dict[str, Any]] | str | None) -> list[int]:
+        if isinstance(messages, str):
+            if not messages:
+                raise InvalidMessageError("the prompt is empty")
+            return self.fmt.encode_text(messages)
+        msgs = self.context_messages(sid) if messages is None else validate_messages(messages)
+        prefix, rest = split_prefix(msgs)
+        return self.fmt.encode(prefix or self.prefix(sid), rest, add_generation_prompt=True)
+
+    def _using(self, sid: str) -> contextlib.AbstractContextManager[Any]:
+        """The inference model with the session's committed adapter active (holds the model lock)."""
+        return self._cache.use(session_key(sid), lambda: self._committed(sid))
+
     def generate(self, messages: list[dict[str, Any]] | None = None, *, session_id: str = DEFAULT_SESSION,
                  **generation_kwargs: Any) -> str:
         """Answer with the session's committed adapter.
@@ -237,12 +295,24 @@ class AbsorberMemory:
             generation_kwargs: passed to `model.generate` (`max_new_tokens`, `do_sample`, ...).
         """
         sid = check_id(session_id)
-        msgs = self.context_messages(sid) if messages is None else validate_messages(messages)
-        prefix, rest = split_prefix(msgs)
-        ids = self.fmt.encode(prefix or self.prefix(sid), rest, add_generation_prompt=True)
+        ids = self._prompt(sid, messages)
         max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
-        with self._cache.use(session_key(sid), lambda: self._committed(sid)) as model:
+        with self._using(sid) as model:
             return generate_text(model, self.tokenizer, ids, max_new, **generation_kwargs)
+
+    def stream(self, messages: list[dict[str, Any]] | str | None = None, *, session_id: str = DEFAULT_SESSION,
+               max_new_tokens: int | None = None, stop: list[str] | None = None, **generation_kwargs: Any) -> TextStream:
+        """Like `generate`, but a `TextStream`: text pieces as they are generated, then token counts.
+
+        Args:
+            messages: chat messages (as in `generate`), or a string to continue
+                as raw text, with no chat template.
+            stop: strings that end the answer; the answer excludes them.
+        """
+        sid = check_id(session_id)
+        ids = self._prompt(sid, messages)
+        return TextStream(lambda: self._using(sid), self.tokenizer, ids, max_new_tokens or self.config.max_new_tokens,
+                          stop, **generation_kwargs)
 
     # --- jobs ----------------------------------------------------------------------------------------------
     def jobs(self, session_id: str | None = None, status: str | None = None) -> list[JobInfo]:
@@ -401,6 +471,12 @@ class AbsorberMemory:
                        sync_ids=row.sync_ids, created=row.created, started=row.started, finished=row.finished,
                        error=row.error, step=step, loss=loss, adapter_version=row.adapter_version,
                        metrics=row.metrics or {})
+
+    def langchain_history(self, session_id: str = DEFAULT_SESSION, *, user_id: str | None = None) -> Any:
+        """A LangChain `AbsorberChatMessageHistory` for one session (fits `get_session_history`)."""
+        from langchain_absorber import AbsorberChatMessageHistory
+
+        return AbsorberChatMessageHistory(self, session_id, user_id=user_id)
 
     # --- lifecycle and async flavours ---------------------------------------------------------------------
     def close(self) -> None:

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidSessionError, StorageError
+from .errors import InvalidMessageError, InvalidSessionError, StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_ID_LENGTH = 1024
 
 _SCHEMA = """
@@ -56,9 +56,11 @@ CREATE TABLE IF NOT EXISTS messages (
     role TEXT NOT NULL,
     content TEXT NOT NULL,
     created REAL NOT NULL,
-    absorbed_version INTEGER              -- NULL: in the window
+    absorbed_version INTEGER,             -- NULL: in the window
+    key TEXT                              -- the caller's id for it (e.g. a LangChain message id), unique per session
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages (session_id, key) WHERE key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session_id TEXT NOT NULL,
@@ -105,6 +107,7 @@ class StoredMessage:
     role: str
     content: str
     absorbed_version: int | None
+    key: str | None = None
 
     @property
     def absorbed(self) -> bool:
@@ -136,6 +139,10 @@ class JobRow:
     error: str | None
     metrics: dict[str, Any] | None
     adapter_version: int | None
+
+
+def _message(r: sqlite3.Row) -> StoredMessage:
+    return StoredMessage(r["id"], r["session_id"], r["role"], r["content"], r["absorbed_version"], r["key"])
 
 
 def _job(row: sqlite3.Row) -> JobRow:
@@ -210,8 +217,8 @@ class Store:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            found = self._migrate(db)
             db.executescript(_SCHEMA)
-            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if found is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif found["value"] != str(SCHEMA_VERSION):
@@ -219,6 +226,20 @@ class Store:
         except sqlite3.DatabaseError as exc:  # not a database, locked, disk I/O error
             raise StorageError(f"{path} cannot be opened as the memory database: {exc}") from exc
         return db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> sqlite3.Row | None:
+        """Bring an older database up to `SCHEMA_VERSION` in place; returns its version row (None: new)."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+            return None
+        found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if found is not None and found["value"] == "1":  # v1 -> v2: message keys
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ALTER TABLE messages ADD COLUMN key TEXT")
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            db.execute("COMMIT")
+            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return found
 
     def close(self) -> None:
         with self._lock:
@@ -301,8 +322,7 @@ class Store:
         sql = "SELECT * FROM messages WHERE session_id = ?"
         if window_only:
             sql += " AND absorbed_version IS NULL"
-        rows = self._query(sql + " ORDER BY id", (session_id,))
-        return [StoredMessage(r["id"], r["session_id"], r["role"], r["content"], r["absorbed_version"]) for r in rows]
+        return [_message(r) for r in self._query(sql + " ORDER BY id", (session_id,))]
 
     def messages_by_id(self, ids: list[int]) -> dict[int, StoredMessage]:
         found: dict[int, StoredMessage] = {}
@@ -310,16 +330,20 @@ class Store:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for r in self._query(f"SELECT * FROM messages WHERE id IN ({marks})", tuple(chunk)):
-                found[r["id"]] = StoredMessage(r["id"], r["session_id"], r["role"], r["content"], r["absorbed_version"])
+                found[r["id"]] = _message(r)
         return found
 
     @staticmethod
-    def insert_messages(db: sqlite3.Connection, session_id: str, messages: list[dict[str, str]]) -> list[int]:
+    def insert_messages(db: sqlite3.Connection, session_id: str, messages: list[dict[str, str]],
+                        keys: list[str | None] | None = None) -> list[int]:
         now = time.time()
         ids = []
-        for m in messages:
-            cur = db.execute("INSERT INTO messages (session_id, role, content, created) VALUES (?, ?, ?, ?)",
-                             (session_id, m["role"], m["content"], now))
+        for m, key in zip(messages, keys or [None] * len(messages)):
+            try:
+                cur = db.execute("INSERT INTO messages (session_id, role, content, created, key) VALUES (?, ?, ?, ?, ?)",
+                                 (session_id, m["role"], m["content"], now, key))
+            except sqlite3.IntegrityError:
+                raise InvalidMessageError(f"session {session_id!r} already has a message with key {key!r}") from None
             ids.append(int(cur.lastrowid))
         return ids
 
