@@ -24,10 +24,12 @@ from .errors import (
 )
 from .executor import Executor, JobResult, JobSpec, LocalExecutor, run_job
 from .memory import ParametricMemory
-from .metrics import FidelityReport, fidelity
+from .generation import TextStream
+from .metrics import FidelityReport, fidelity, session_fidelity
 from .models import DEFAULT_MODEL, load_model
 from .queue import AbsorptionQueue, JobHandle, JobInfo
 from .sessions import AbsorberMemory
+from .shared import shared_memory
 from .store import StoredMessage
 
 try:
@@ -59,8 +61,11 @@ __all__ = [
     "StorageError",
     "StoredMessage",
     "TemplateError",
+    "TextStream",
     "__version__",
     "fidelity",
     "load_model",
     "run_job",
+    "session_fidelity",
+    "shared_memory",
 ]

@@ -472,11 +472,12 @@ class AbsorberMemory:
                        error=row.error, step=step, loss=loss, adapter_version=row.adapter_version,
                        metrics=row.metrics or {})
 
-    def langchain_history(self, session_id: str = DEFAULT_SESSION, *, user_id: str | None = None) -> Any:
+    def langchain_history(self, session_id: str = DEFAULT_SESSION, *, user_id: str | None = None,
+                          system: str | None = None) -> Any:
         """A LangChain `AbsorberChatMessageHistory` for one session (fits `get_session_history`)."""
         from langchain_absorber import AbsorberChatMessageHistory
 
-        return AbsorberChatMessageHistory(self, session_id, user_id=user_id)
+        return AbsorberChatMessageHistory(self, session_id, user_id=user_id, system=system)
 
     # --- lifecycle and async flavours ---------------------------------------------------------------------
     def close(self) -> None:

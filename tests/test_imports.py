@@ -24,10 +24,24 @@ EXPECTED_ALL = [
     "StorageError",
     "StoredMessage",
     "TemplateError",
+    "TextStream",
     "__version__",
     "fidelity",
     "load_model",
     "run_job",
+    "session_fidelity",
+    "shared_memory",
+]
+
+LANGCHAIN_ALL = [
+    "AbsorberChatMessageHistory",
+    "AbsorberLLM",
+    "AbsorptionMiddleware",
+    "ChatAbsorber",
+    "__version__",
+    "parse_tool_calls",
+    "to_chat",
+    "to_chat_messages",
 ]
 
 
@@ -48,3 +62,14 @@ def test_errors_are_value_errors_where_input_is_bad():
     assert issubclass(absorber_memory.ConfigError, ValueError)
     assert issubclass(absorber_memory.InvalidMessageError, ValueError)
     assert issubclass(absorber_memory.StorageError, absorber_memory.AbsorberError)
+
+
+def test_langchain_all_is_pinned_and_nothing_heavy_happens_at_import():
+    import absorber_memory.shared as shared
+    import langchain_absorber
+
+    assert langchain_absorber.__all__ == LANGCHAIN_ALL
+    for name in LANGCHAIN_ALL:
+        assert hasattr(langchain_absorber, name), name
+    chat = langchain_absorber.ChatAbsorber()  # no memory given: the shared core, built on first use only
+    assert chat.memory is None and shared._memory is None

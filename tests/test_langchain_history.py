@@ -94,6 +94,15 @@ def test_runnable_with_message_history(make_service):
     assert memory.adapter_path("r") is not None
 
 
+def test_system_prompt_becomes_the_prefix(make_service):
+    memory = make_service(auto_absorb=False)
+    history = memory.langchain_history("s", system="Be kind.")
+    history.add_messages(exchange(0))
+    again = memory.langchain_history("s", system="Be kind.")  # the same prompt again: nothing changes
+    assert [m.content for m in again.messages][:1] == ["Be kind."] and len(again.messages) == 3
+    assert memory.prefix("s") == [{"role": "system", "content": "Be kind."}]
+
+
 def test_bad_session_ids_are_refused(make_service):
     memory = make_service()
     with pytest.raises(ValueError, match="session_id"):

@@ -254,3 +254,41 @@ def test_job_metrics_are_recorded(make_service):
     assert m["steps"] == SERVICE["max_steps"] and len(m["loss_curve"]) == m["steps"] + 1
     assert m["context_tokens"] > 0 and m["seconds"] > 0
     assert json.dumps(m)
+
+
+def test_a_schema_v1_database_is_migrated_in_place(tmp_path, make_service):
+    import sqlite3
+
+    data = tmp_path / "old"
+    data.mkdir()
+    db = sqlite3.connect(data / "absorber.db")
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, role TEXT NOT NULL,
+                               content TEXT NOT NULL, created REAL NOT NULL, absorbed_version INTEGER);
+        CREATE TABLE sessions (session_id TEXT PRIMARY KEY, user_id TEXT, created REAL NOT NULL,
+                               adapter_version INTEGER, last_version INTEGER NOT NULL DEFAULT 0,
+                               rounds INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO sessions (session_id, created) VALUES ('old', 0);
+        INSERT INTO messages (session_id, role, content, created) VALUES ('old', 'user', 'kept from v1', 0);
+    """)
+    db.commit()
+    db.close()
+    memory = make_service(data_dir=data, auto_absorb=False)
+    assert [(m.content, m.key) for m in memory.transcript("old")] == [("kept from v1", None)]
+    memory.add_messages([{"role": "assistant", "content": "a keyed reply"}], session_id="old", keys=["k1"])
+    with pytest.raises(ValueError, match="already has a message with key 'k1'"):
+        memory.add_messages([{"role": "user", "content": "again"}], session_id="old", keys=["k1"])
+    assert [m.key for m in memory.transcript("old")] == [None, "k1"]  # the refused add stored nothing
+
+
+def test_set_prefix_replaces_the_system_messages(make_service):
+    memory = make_service(auto_absorb=False)
+    memory.add_messages([{"role": "system", "content": "Old."}, {"role": "user", "content": "hi"}], session_id="s")
+    assert memory.set_prefix("s", "New.") and not memory.set_prefix("s", "New.")
+    assert memory.context_messages("s") == [{"role": "system", "content": "New."}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="only system messages"):
+        memory.set_prefix("s", [{"role": "user", "content": "x"}])
+    with pytest.raises(ValueError, match="keys"):
+        memory.add_messages([{"role": "user", "content": "x"}], session_id="s", keys=["a", "b"])

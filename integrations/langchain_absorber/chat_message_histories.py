@@ -48,12 +48,18 @@ class AbsorberChatMessageHistory(BaseChatMessageHistory):
         memory: the core `AbsorberMemory` (default: the process-wide shared one).
         session_id: the conversation (e.g. what `get_session_history` receives).
         user_id: owner of the session, for `memory.forget_user`.
+        system: the session's system prompt, set as its prefix (returned first by
+            `messages`, and the prefix absorption trains under); keep it out of
+            the prompt template then, or the model reads it twice.
     """
 
-    def __init__(self, memory: Any = None, session_id: str = DEFAULT_SESSION, *, user_id: str | None = None) -> None:
+    def __init__(self, memory: Any = None, session_id: str = DEFAULT_SESSION, *, user_id: str | None = None,
+                 system: str | None = None) -> None:
         self.memory = resolve_memory(memory)
         self.session_id = check_id(session_id)
         self.user_id = None if user_id is None else check_id(user_id, "user_id")
+        if system is not None:
+            self.memory.set_prefix(self.session_id, system)
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
