@@ -26,7 +26,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from absorber_memory.generation import TextStream
 from absorber_memory.models import DEFAULT_MODEL
@@ -65,7 +65,38 @@ def generation_settings(temperature: float | None, top_p: float | None) -> dict[
     return settings
 
 
-class ChatAbsorber(BaseChatModel):
+class AbsorberParams(BaseModel):
+    """Settings shared by `ChatAbsorber` and `AbsorberLLM` (a pydantic mixin)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    memory: Any = Field(default=None, exclude=True)
+    session_id: str = DEFAULT_SESSION
+    model_name: str = Field(default=DEFAULT_MODEL, alias="model")
+    temperature: float | None = Field(default=0.0, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _name_from_memory(self) -> AbsorberParams:
+        object.__setattr__(self, "model_name", model_label(self.memory, self.model_name, self.model_fields_set))
+        return self
+
+    @property
+    def _llm_type(self) -> str:
+        return "absorber"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "session_id": self.session_id, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "top_p": self.top_p}
+
+    def _settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Pop per-call `temperature`/`top_p` from `kwargs`; the `model.generate` sampling settings."""
+        return generation_settings(kwargs.pop("temperature", self.temperature), kwargs.pop("top_p", self.top_p))
+
+
+class ChatAbsorber(AbsorberParams, BaseChatModel):
     """A local chat model whose weights carry a session's absorbed conversation.
 
     Args:
@@ -88,30 +119,8 @@ class ChatAbsorber(BaseChatModel):
         ```
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
-
-    memory: Any = Field(default=None, exclude=True)
-    session_id: str = DEFAULT_SESSION
-    model_name: str = Field(default=DEFAULT_MODEL, alias="model")
-    temperature: float | None = Field(default=0.0, ge=0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    top_p: float | None = Field(default=None, gt=0, le=1)
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     streaming: bool = False
-
-    @model_validator(mode="after")
-    def _name_from_memory(self) -> ChatAbsorber:
-        object.__setattr__(self, "model_name", model_label(self.memory, self.model_name, self.model_fields_set))
-        return self
-
-    @property
-    def _llm_type(self) -> str:
-        return "absorber"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "session_id": self.session_id, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "top_p": self.top_p}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider="absorber", ls_model_name=kwargs.get("model", self.model_name),
@@ -146,7 +155,7 @@ class ChatAbsorber(BaseChatModel):
         chat = to_chat_messages(messages, kwargs.get("tools"), kwargs.get("tool_choice"))
         extra = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
         max_tokens = extra.pop("max_tokens", self.max_tokens)
-        settings = generation_settings(extra.pop("temperature", self.temperature), extra.pop("top_p", self.top_p))
+        settings = self._settings(extra)
         return resolve_memory(self.memory).stream(
             chat, session_id=kwargs.get("session_id", self.session_id), max_new_tokens=max_tokens,
             stop=stop if stop is not None else self.stop, **settings, **extra,

@@ -15,17 +15,14 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LLM
 from langchain_core.outputs import GenerationChunk
-from pydantic import ConfigDict, Field, model_validator
 
 from absorber_memory.generation import TextStream
-from absorber_memory.models import DEFAULT_MODEL
-from absorber_memory.sessions import DEFAULT_SESSION
 
 from ._async import aiterate
-from .chat_models import generation_settings, model_label, resolve_memory
+from .chat_models import AbsorberParams, resolve_memory
 
 
-class AbsorberLLM(LLM):
+class AbsorberLLM(AbsorberParams, LLM):
     """A local completion model whose weights carry a session's absorbed conversation.
 
     Args:
@@ -35,33 +32,15 @@ class AbsorberLLM(LLM):
         temperature, max_tokens, top_p, stop: as in `ChatAbsorber`.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
-
-    memory: Any = Field(default=None, exclude=True)
-    session_id: str = DEFAULT_SESSION
-    model_name: str = Field(default=DEFAULT_MODEL, alias="model")
     raw: bool = False
-    temperature: float | None = Field(default=0.0, ge=0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    top_p: float | None = Field(default=None, gt=0, le=1)
     stop: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _name_from_memory(self) -> AbsorberLLM:
-        object.__setattr__(self, "model_name", model_label(self.memory, self.model_name, self.model_fields_set))
-        return self
-
-    @property
-    def _llm_type(self) -> str:
-        return "absorber"
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "session_id": self.session_id, "raw": self.raw,
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        return {**super()._identifying_params, "raw": self.raw}
 
     def _start(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> TextStream:
-        settings = generation_settings(kwargs.pop("temperature", self.temperature), kwargs.pop("top_p", self.top_p))
+        settings = self._settings(kwargs)
         messages: Any = prompt if self.raw else [{"role": "user", "content": prompt}]
         return resolve_memory(self.memory).stream(
             messages, session_id=kwargs.pop("session_id", self.session_id),
