@@ -8,13 +8,35 @@ sync segments through the model as one right-padded batch.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+T = TypeVar("T")
+
+
+def _generate_settings(tokenizer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`model.generate` settings: greedy with the tokenizer's pad/EOS unless `kwargs` say otherwise."""
+    settings: dict[str, Any] = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id,
+                                "eos_token_id": tokenizer.eos_token_id, **kwargs}
+    if not settings.get("do_sample"):
+        settings.update(temperature=None, top_p=None, top_k=None)  # silence sampling-only settings
+    return settings
+
+
+def sampling_settings(temperature: float | None, top_p: float | None = None) -> dict[str, Any]:
+    """Sampling settings from chat-API knobs: greedy at temperature 0 (or unset), sampling above."""
+    if not temperature:
+        return {"do_sample": False}
+    settings: dict[str, Any] = {"do_sample": True, "temperature": temperature}
+    if top_p is not None:
+        settings["top_p"] = top_p
+    return settings
 
 
 def generate_ids(model: Any, tokenizer: Any, input_ids: list[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
@@ -24,15 +46,7 @@ def generate_ids(model: Any, tokenizer: Any, input_ids: list[int], max_new_token
     """
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
-    settings: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": False,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    settings.update(kwargs)
-    if not settings.get("do_sample"):
-        settings.update(temperature=None, top_p=None, top_k=None)
+    settings = _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens, **kwargs})
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
     new = out[0, len(input_ids):].tolist()
@@ -125,11 +139,7 @@ class TextStream:
 
     def _run(self, model_scope: Callable[[], Any], tokenizer: Any, input_ids: list[int], kwargs: dict[str, Any]) -> None:
         try:
-            settings: dict[str, Any] = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id,
-                                        "eos_token_id": tokenizer.eos_token_id}
-            settings.update(kwargs)
-            if not settings.get("do_sample"):
-                settings.update(temperature=None, top_p=None, top_k=None)
+            settings = _generate_settings(tokenizer, kwargs)
             if self.stop:
                 settings.update(stop_strings=self.stop, tokenizer=tokenizer)
             with model_scope() as model:
@@ -171,3 +181,20 @@ class TextStream:
     def text(self) -> str:
         """The whole answer (consumes the stream)."""
         return "".join(self)
+
+
+_DONE = object()
+
+
+async def aiterate(iterator: Iterator[T]) -> AsyncIterator[T]:
+    """Drive a blocking iterator (e.g. over a `TextStream`) from async code, one item per worker-thread call.
+
+    Leaving early closes the iterator, which stops the generation behind it.
+    """
+    try:
+        while (item := await asyncio.to_thread(next, iterator, _DONE)) is not _DONE:
+            yield item  # type: ignore[misc]
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)

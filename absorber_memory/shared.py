@@ -30,3 +30,8 @@ def shared_memory() -> AbsorberMemory:
             _memory = AbsorberMemory()
             atexit.register(_memory.close)
         return _memory
+
+
+def resolve_memory(memory: AbsorberMemory | None) -> AbsorberMemory:
+    """The given core, or the process-wide default one (what integrations do with `memory=None`)."""
+    return shared_memory() if memory is None else memory

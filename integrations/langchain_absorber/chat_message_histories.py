@@ -24,9 +24,9 @@ from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
 
 from absorber_memory.sessions import DEFAULT_SESSION
+from absorber_memory.shared import resolve_memory
 from absorber_memory.store import check_id
 
-from .chat_models import resolve_memory
 from .messages import from_chat, to_chat
 
 

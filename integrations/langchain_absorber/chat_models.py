@@ -28,24 +28,15 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from absorber_memory.generation import TextStream
+from absorber_memory.generation import TextStream, aiterate, sampling_settings
 from absorber_memory.models import DEFAULT_MODEL
 from absorber_memory.sessions import DEFAULT_SESSION
+from absorber_memory.shared import resolve_memory
 
-from ._async import aiterate
 from .messages import parse_tool_calls, to_chat_messages, tool_choice_name
 
 #: Call-time kwargs that are ours (bound by `bind_tools`), not `model.generate`'s.
 _OWN_KWARGS = ("tools", "tool_choice", "ls_structured_output_format", "session_id", "model")
-
-
-def resolve_memory(memory: Any) -> Any:
-    """The given core, or the process-wide default one."""
-    if memory is not None:
-        return memory
-    from absorber_memory.shared import shared_memory
-
-    return shared_memory()
 
 
 def model_label(memory: Any, current: str, fields_set: set[str]) -> str:
@@ -53,16 +44,6 @@ def model_label(memory: Any, current: str, fields_set: set[str]) -> str:
     if "model_name" in fields_set or memory is None:
         return current
     return getattr(memory, "model_label", None) or current
-
-
-def generation_settings(temperature: float | None, top_p: float | None) -> dict[str, Any]:
-    """`model.generate` sampling settings: greedy at temperature 0 (or unset), sampling above."""
-    if not temperature:
-        return {"do_sample": False}
-    settings: dict[str, Any] = {"do_sample": True, "temperature": temperature}
-    if top_p is not None:
-        settings["top_p"] = top_p
-    return settings
 
 
 class AbsorberParams(BaseModel):
@@ -93,7 +74,7 @@ class AbsorberParams(BaseModel):
 
     def _settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Pop per-call `temperature`/`top_p` from `kwargs`; the `model.generate` sampling settings."""
-        return generation_settings(kwargs.pop("temperature", self.temperature), kwargs.pop("top_p", self.top_p))
+        return sampling_settings(kwargs.pop("temperature", self.temperature), kwargs.pop("top_p", self.top_p))
 
 
 class ChatAbsorber(AbsorberParams, BaseChatModel):

@@ -38,9 +38,10 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from absorber_memory.errors import AbsorberError
 from absorber_memory.sessions import DEFAULT_SESSION
+from absorber_memory.shared import resolve_memory
 from absorber_memory.store import check_id
 
-from .chat_models import ChatAbsorber, resolve_memory
+from .chat_models import ChatAbsorber
 from .messages import from_chat, to_chat, to_chat_messages, tool_choice_name
 
 _PENDING = ("queued", "running")

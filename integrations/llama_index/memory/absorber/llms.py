@@ -9,7 +9,7 @@ says `is_function_calling_model=False`, so agents use ReAct prompting.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -27,31 +27,11 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
-from absorber_memory.generation import TextStream
+from absorber_memory.generation import TextStream, aiterate, sampling_settings
 from absorber_memory.sessions import DEFAULT_SESSION
+from absorber_memory.shared import resolve_memory
 
 from .messages import to_chat_messages
-
-_DONE = object()
-
-
-def _resolve(memory: Any) -> Any:
-    if memory is not None:
-        return memory
-    from absorber_memory.shared import shared_memory
-
-    return shared_memory()
-
-
-async def _aiter(iterator: Iterator[Any]) -> AsyncIterator[Any]:
-    try:
-        while (item := await asyncio.to_thread(next, iterator, _DONE)) is not _DONE:
-            yield item
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            await asyncio.to_thread(close)
-
 
 class AbsorberLLM(CustomLLM):
     """LlamaIndex LLM over an `AbsorberMemory` core, answering with a session's adapter.
@@ -75,7 +55,7 @@ class AbsorberLLM(CustomLLM):
     @property
     def core(self) -> Any:
         if self._core is None:
-            self._core = _resolve(None)
+            self._core = resolve_memory(None)
         return self._core
 
     @classmethod
@@ -96,8 +76,7 @@ class AbsorberLLM(CustomLLM):
         )
 
     def _stream(self, prompt: list[dict[str, str]] | str, kwargs: dict[str, Any]) -> TextStream:
-        temperature = kwargs.pop("temperature", self.temperature)
-        settings: dict[str, Any] = {"do_sample": True, "temperature": temperature} if temperature else {}
+        settings = sampling_settings(kwargs.pop("temperature", self.temperature))
         kwargs.pop("formatted", None)
         return self.core.stream(prompt, session_id=kwargs.pop("session_id", self.session_id),
                                 max_new_tokens=kwargs.pop("max_tokens", self.max_tokens), **settings)
@@ -145,7 +124,7 @@ class AbsorberLLM(CustomLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return _aiter(self.stream_chat(messages, **kwargs))
+        return aiterate(self.stream_chat(messages, **kwargs))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -153,7 +132,7 @@ class AbsorberLLM(CustomLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _aiter(self.stream_complete(prompt, formatted, **kwargs))
+        return aiterate(self.stream_complete(prompt, formatted, **kwargs))
 
 
 def _usage(stream: TextStream) -> dict[str, Any]:
