@@ -77,14 +77,16 @@ class AbsorptionMiddleware(AgentMiddleware):
         self.session_id = check_id(session_id)
 
     # --- before_model: mirror new messages, evict what absorption has claimed -----------------
-    def _mirror(self, thread: str, messages: list[AnyMessage]) -> dict[int, Any]:
-        """Store the state's new messages; returns stored rows by key for the thread."""
+    def _mirror(self, thread: str, messages: list[AnyMessage]) -> dict[str, Any]:
+        """Store the state's new messages; returns the rows stored *before* them, by key.
+
+        The new ones are left out: they are unclaimed, so eviction stops at the first of them anyway.
+        """
         rows = {m.key: m for m in self.memory.transcript(thread) if m.key is not None}
         new = [(msg.id, chat) for i, msg in enumerate(messages)
                if msg.id not in rows and (chat := to_chat(msg, f"state messages[{i}]")) is not None]
         if new:
             self.memory.add_messages([c for _, c in new], session_id=thread, keys=[k for k, _ in new], schedule=False)
-            rows = {m.key: m for m in self.memory.transcript(thread) if m.key is not None}
         return rows
 
     def _evict(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
