@@ -48,6 +48,7 @@ from .jobs import QueueHooks
 from .memory import as_config, base_model, lora_config
 from .models import DEFAULT_MODEL, absorber_home, identity_mismatch, model_identity
 from .queue import AbsorptionQueue, JobHandle, JobInfo
+from .shared import register
 from .recovery import recover_sessions
 from .store import PENDING, Store, StoredMessage, check_id, session_key
 from .stream import plan_absorption, turn_spans
@@ -100,6 +101,7 @@ class AbsorberMemory(QueueHooks):
             self._queue = AbsorptionQueue(executor, self, workers=self.config.absorb_workers)
             for job in self._store.jobs(statuses=PENDING):
                 self._queue.submit(job.id, job.session_id)
+            register(self)
         except BaseException:
             self._store.close()
             raise
@@ -159,15 +161,17 @@ class AbsorberMemory(QueueHooks):
         """Tokens the session's window takes in the prompt now."""
         return sum(self.fmt.count(m.as_chat()) for m in self.window(session_id))
 
-    def context_rows(self, session_id: str = DEFAULT_SESSION) -> tuple[list[Message], list[StoredMessage]]:
+    def context_rows(self, session_id: str = DEFAULT_SESSION, *,
+                     reserve_tokens: int = 0) -> tuple[list[Message], list[StoredMessage]]:
         """`(prefix, rows)`: the prefix and the stored window messages that go into the prompt now.
 
-        The window is capped at `context_tokens` while a backlog is absorbed
-        (see the module doc); rows carry their ids and caller keys.
+        The window is capped at `context_tokens` (less `reserve_tokens` the
+        caller adds to the prompt itself) while a backlog is absorbed (see
+        the module doc); rows carry their ids and caller keys.
         """
         prefix, rows = self._unabsorbed(session_id)
         counts = [self.fmt.count(m.as_chat()) for m in rows]
-        budget = self._context_limit - len(self.fmt.prefix_ids(prefix))
+        budget = self._context_limit - len(self.fmt.prefix_ids(prefix)) - reserve_tokens
         spans = turn_spans([m.role for m in rows])
         start = spans[-1][0] if spans else 0  # the newest turn stays even if it alone is too long
         for begin, _ in spans:
@@ -252,14 +256,30 @@ class AbsorberMemory(QueueHooks):
         with self._lock:
             return self._schedule(check_id(session_id))
 
-    def _schedule(self, sid: str) -> list[JobHandle]:
+    def absorb_messages(self, messages: list[dict[str, Any]], *, session_id: str = DEFAULT_SESSION,
+                        user_id: str | None = None) -> list[JobHandle]:
+        """Store messages that have already left the caller's prompt and queue their absorption now.
+
+        For callers that keep their own window (LlamaIndex's `Memory` flushing
+        turns to a memory block): every unabsorbed message of the session,
+        these included, is absorbed regardless of `window_tokens`, in rounds
+        of about `absorb_tokens`, each synced on the messages after it (the
+        last round on probes alone). Returns at once, like `add_messages`.
+        """
+        sid = check_id(session_id)
+        with self._lock:
+            self.add_messages(messages, session_id=sid, user_id=user_id, schedule=False)
+            return self._schedule(sid, everything=True)
+
+    def _schedule(self, sid: str, *, everything: bool = False) -> list[JobHandle]:
         claimed = [i for job in self._store.jobs(sid, PENDING) for i in job.context_ids]
         free = [m for m in self.window(sid) if m.id > max(claimed, default=0)]
         cfg, rounds = self.config, []
         while True:
             plan = plan_absorption([self.fmt.count(m.as_chat()) for m in free], [m.role for m in free],
-                                   window_tokens=cfg.window_tokens, absorb_tokens=cfg.absorb_tokens,
-                                   sync_tokens=cfg.sync_tokens)
+                                   window_tokens=0 if everything else cfg.window_tokens,
+                                   absorb_tokens=cfg.absorb_tokens, sync_tokens=cfg.sync_tokens,
+                                   keep_newest=not everything)
             if plan is None:
                 break
             rounds.append(([m.id for m in free[: plan.absorb]], [m.id for m in free[plan.absorb : plan.absorb + plan.sync]]))

@@ -5,19 +5,28 @@
 (`$ABSORBER_HOME`), one absorption queue. It is built on first use, never
 at import, from defaults only, so any process (a Ray worker included)
 rebuilds an equivalent one; pass `memory=` to choose the model or config.
+
+Integrations that must serialize (LlamaIndex's workflow context) store a
+core's *spec* (`memory_spec`: model name, data directory, config) instead of
+the core, and `memory_from_spec` finds the live core of that directory in
+this process, or builds one: a cache of live objects that any process can
+rebuild from the spec, not state it depends on.
 """
 
 from __future__ import annotations
 
 import atexit
 import threading
-from typing import TYPE_CHECKING
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .sessions import AbsorberMemory
 
 _lock = threading.Lock()
 _memory: AbsorberMemory | None = None
+_live: weakref.WeakValueDictionary[str, AbsorberMemory] = weakref.WeakValueDictionary()
 
 
 def shared_memory() -> AbsorberMemory:
@@ -35,3 +44,35 @@ def shared_memory() -> AbsorberMemory:
 def resolve_memory(memory: AbsorberMemory | None) -> AbsorberMemory:
     """The given core, or the process-wide default one (what integrations do with `memory=None`)."""
     return shared_memory() if memory is None else memory
+
+
+def register(memory: AbsorberMemory) -> None:
+    """Note an open core under its data directory (called by `AbsorberMemory.__init__`)."""
+    with _lock:
+        _live[str(Path(memory.data_dir).resolve())] = memory
+
+
+def memory_spec(memory: AbsorberMemory | None) -> dict[str, Any] | None:
+    """What rebuilds a core elsewhere (None for the shared default): JSON-ready."""
+    if memory is None or memory is _memory:
+        return None
+    return {"model": memory.model_name, "data_dir": str(Path(memory.data_dir).resolve()),
+            "config": memory.config.model_dump(mode="json")}
+
+
+def memory_from_spec(spec: dict[str, Any] | None) -> AbsorberMemory:
+    """The open core for a `memory_spec` in this process, else a new one built from it (None: shared)."""
+    if spec is None:
+        return shared_memory()
+    from .errors import ConfigError
+    from .sessions import AbsorberMemory
+
+    data_dir = str(Path(spec["data_dir"]).resolve())
+    with _lock:
+        live = _live.get(data_dir)
+    if live is not None and not getattr(live, "_closed", False):
+        return live
+    if not spec.get("model"):
+        raise ConfigError(f"no open AbsorberMemory for {data_dir} and its model was passed as an object, "
+                          "so it cannot be rebuilt: open the core (AbsorberMemory(model, data_dir=...)) first")
+    return AbsorberMemory(spec["model"], config=spec.get("config"), data_dir=data_dir)

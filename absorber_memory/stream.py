@@ -12,7 +12,9 @@ Choices where the paper is silent:
   whole, so a tool call never loses its result.
 - The newest turn is never absorbed: the model should read the message it is
   answering. A window that still overflows with only that turn left stays
-  over budget (the caller may warn).
+  over budget (the caller may warn). Callers that have already taken turns
+  out of the prompt (LlamaIndex's `Memory` flushing to a block) pass
+  `keep_newest=False` and `window_tokens=0` to absorb everything.
 - A following message larger than what is left of `sync_tokens` ends S there;
   S is never cut mid-message (probes still supply sync text).
 """
@@ -44,7 +46,8 @@ def turn_spans(roles: list[str]) -> list[tuple[int, int]]:
 
 
 def plan_absorption(
-    counts: list[int], roles: list[str], *, window_tokens: int, absorb_tokens: int, sync_tokens: int
+    counts: list[int], roles: list[str], *, window_tokens: int, absorb_tokens: int, sync_tokens: int,
+    keep_newest: bool = True,
 ) -> AbsorbPlan | None:
     """Decide the next absorption round for a window, or None if it fits (or cannot shrink).
 
@@ -54,12 +57,15 @@ def plan_absorption(
         window_tokens: budget of the window.
         absorb_tokens: about how many tokens one round absorbs (n).
         sync_tokens: most tokens of following messages used as S (m).
+        keep_newest: never absorb the newest turn (it is what the model answers).
     """
     if len(counts) != len(roles):
         raise ValueError(f"counts and roles differ in length: {len(counts)} != {len(roles)}")
     if sum(counts) <= window_tokens:
         return None
-    spans = turn_spans(roles)[:-1]  # the newest turn stays in the prompt
+    spans = turn_spans(roles)
+    if keep_newest:
+        spans = spans[:-1]  # the newest turn stays in the prompt
     end, absorbed = 0, 0
     for start, stop in spans:
         if absorbed >= absorb_tokens:

@@ -73,3 +73,26 @@ def test_langchain_all_is_pinned_and_nothing_heavy_happens_at_import():
         assert hasattr(langchain_absorber, name), name
     chat = langchain_absorber.ChatAbsorber()  # no memory given: the shared core, built on first use only
     assert chat.memory is None and shared._memory is None
+
+
+LLAMAINDEX_ALL = [
+    "AbsorberLLM",
+    "AbsorberMemory",
+    "AbsorptionMemoryBlock",
+    "__version__",
+    "from_chat",
+    "to_chat",
+    "to_chat_messages",
+]
+
+
+def test_llamaindex_all_is_pinned_and_nothing_heavy_happens_at_construction():
+    import absorber_memory.shared as shared
+    import llama_index.memory.absorber as li
+
+    assert li.__all__ == LLAMAINDEX_ALL
+    for name in LLAMAINDEX_ALL:
+        assert hasattr(li, name), name
+    memory, llm, block = li.AbsorberMemory(), li.AbsorberLLM(), li.AbsorptionMemoryBlock()
+    assert llm.metadata.is_chat_model and memory.to_dict()["core_spec"] is None and block.name
+    assert shared._memory is None  # the shared core is built on first use, not at construction

@@ -17,7 +17,7 @@ from absorber_memory.testing import tiny_model_and_tokenizer
 from langchain_absorber import AbsorberLLM, ChatAbsorber, parse_tool_calls, to_chat, to_chat_messages
 
 from .conftest import FAST
-from .langchain_helpers import Scripted
+from .scripted import Scripted
 
 _SHARED: dict[str, AbsorberMemory] = {}
 

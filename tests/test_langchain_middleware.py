@@ -13,7 +13,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from absorber_memory import AbsorberError
 from langchain_absorber import AbsorptionMiddleware, ChatAbsorber
 
-from .langchain_helpers import Scripted
+from .scripted import Scripted
 from .test_queue import Controlled
 
 CAP = 700  # `context_tokens`: the hard cap on any prompt, pending absorption included

@@ -292,3 +292,15 @@ def test_set_prefix_replaces_the_system_messages(make_service):
         memory.set_prefix("s", [{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="keys"):
         memory.add_messages([{"role": "user", "content": "x"}], session_id="s", keys=["a", "b"])
+
+
+def test_absorb_messages_absorbs_every_message_now(make_service):
+    memory = make_service(window_tokens=10_000)  # the window policy alone would absorb nothing
+    rows = [r for k in range(3) for r in turn(k)]
+    handles = memory.absorb_messages(rows, session_id="s")
+    assert handles and all(h.session_id == "s" for h in handles)
+    memory.flush_sync("s")
+    jobs = memory.jobs("s")
+    assert all(j.status == "done" for j in jobs) and jobs[-1].sync_ids == []  # the newest round: probes only
+    assert [m.absorbed for m in memory.transcript("s")] == [True] * 6 and memory.window("s") == []
+    assert sorted(i for j in jobs for i in j.message_ids) == [m.id for m in memory.transcript("s")]

@@ -32,6 +32,13 @@ def test_newest_turn_is_never_absorbed():
     assert plan.absorb == 1 and plan.sync == 0  # the big message does not fit in S
 
 
+def test_keep_newest_false_absorbs_everything_when_asked():
+    kwargs = dict(PLAN, window_tokens=0)
+    assert plan_absorption([], [], keep_newest=False, **kwargs) is None
+    plan = plan_absorption([10, 500], ["user", "assistant"], keep_newest=False, **kwargs)
+    assert plan.absorb == 2 and plan.sync == 0
+
+
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in length"):
         plan_absorption([1, 2], ["user"], **PLAN)

@@ -15,17 +15,12 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "langchain_absorber needs LangChain; install it with: pip install 'absorber-memory[langchain]'"
     ) from exc
 
-from importlib.metadata import PackageNotFoundError, version
+from absorber_memory import __version__
 
 from .chat_message_histories import AbsorberChatMessageHistory
 from .chat_models import ChatAbsorber
 from .llms import AbsorberLLM
 from .messages import parse_tool_calls, to_chat, to_chat_messages
-
-try:
-    __version__ = version("absorber-memory")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
 
 
 def __getattr__(name: str) -> object:

@@ -25,20 +25,20 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from absorber_memory.generation import TextStream, aiterate, sampling_settings
 from absorber_memory.sessions import DEFAULT_SESSION
-from absorber_memory.shared import resolve_memory
 
+from .handle import CoreHandle
 from .messages import to_chat_messages
 
-class AbsorberLLM(CustomLLM):
+class AbsorberLLM(CoreHandle, CustomLLM):
     """LlamaIndex LLM over an `AbsorberMemory` core, answering with a session's adapter.
 
     Args:
         core: the core `absorber_memory.AbsorberMemory` (default: the process-wide shared one).
-        session_id: whose adapter to use.
+        session_id: whose adapter to use (the same as the memory's).
         max_tokens: most new tokens per answer (default: the core's `max_new_tokens`).
         temperature: 0 (default) decodes greedily; above 0 samples.
     """
@@ -46,17 +46,6 @@ class AbsorberLLM(CustomLLM):
     session_id: str = Field(default=DEFAULT_SESSION, description="Whose adapter to use.")
     max_tokens: int | None = Field(default=None, ge=1, description="Most new tokens per answer.")
     temperature: float = Field(default=0.0, ge=0, description="0: greedy; above 0: sampling.")
-    _core: Any = PrivateAttr(default=None)
-
-    def __init__(self, core: Any = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._core = core
-
-    @property
-    def core(self) -> Any:
-        if self._core is None:
-            self._core = resolve_memory(None)
-        return self._core
 
     @classmethod
     def class_name(cls) -> str:

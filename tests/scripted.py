@@ -1,4 +1,4 @@
-"""Helpers for the LangChain tests: a scripted answer stream over the real core."""
+"""Test helper: a scripted answer stream over the real core (for agents the tiny model cannot drive)."""
 
 from __future__ import annotations
 
