@@ -253,3 +253,17 @@ async def test_block_absorbs_what_llamaindex_memory_flushes(make_service):
     held[0].gate.set()
     await core.flush("blk")
     assert len(check_absorbed_once(core, "blk")) == len(flushed)  # every flushed turn, the newest included
+
+
+async def test_streaming_chat_writes_the_answer_to_memory(make_service):
+    core = make_service(auto_absorb=False)
+    memory = AbsorberMemory(core, session_id="st")
+    engine = SimpleChatEngine.from_defaults(llm=memory.as_llm(), memory=memory)
+    streamed = engine.stream_chat("Hello!")
+    text = "".join(streamed.response_gen)
+    streamed = await engine.astream_chat("Hello again!")
+    async for _ in streamed.async_response_gen():
+        pass
+    stored = core.transcript("st")
+    assert [m.role for m in stored] == ["user", "assistant", "user", "assistant"]
+    assert stored[1].content == text.strip() or stored[1].content == text
