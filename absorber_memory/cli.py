@@ -1,8 +1,8 @@
-"""Command line: `absorber-memory demo` and `absorber-memory info`.
+"""Command line: `absorber-memory demo`, `absorber-memory bench ...` and `absorber-memory info`.
 
 `demo` runs the scripted absorption demo on the default model (see
-`demo.py`); `info` prints where data lives and what the runtime will use.
-The benchmark suite will add `bench` here.
+`demo.py`); `bench` runs the benchmark suite (see `bench/`); `info` prints
+where data lives and what the runtime will use.
 """
 
 from __future__ import annotations
@@ -59,12 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
     demo.add_argument("--json", default=None, help="also write the figures to this JSON file")
     sub.add_parser("info", help="show data directory, device and default model file")
+    from .bench.cli import add_parser
+
+    add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     _quiet_libraries()
 
     if args.command == "info":
         return _info()
+    if args.command == "bench":
+        from .bench.cli import main as bench_main
+
+        return bench_main(args)
     from .demo import run_demo
     from .errors import AbsorberError
 

@@ -306,6 +306,22 @@ class ParametricMemory:
                 if hasattr(module, "reset_lora_parameters") and ADAPTER in getattr(module, "lora_A", {}):
                     module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
 
+    def reconfigure(self, **overrides: Any) -> None:
+        """Apply new training settings (lr, steps, losses, probes, ...) and start a fresh adapter.
+
+        For experiments that compare settings on one loaded model. The LoRA
+        shape (`lora_*` fields) is fixed when the adapter is built: load a new
+        `ParametricMemory` to change it. The transcript is kept.
+        """
+        config = AbsorberConfig(**{**self.config.model_dump(), **overrides})
+        changed = sorted(k for k in overrides if k.startswith("lora_") and getattr(config, k) != getattr(self.config, k))
+        if changed:
+            raise ConfigError(f"{changed} shape the adapter and cannot change after it is built; load a new memory")
+        self.config = config
+        self._absorber = Absorber(self._model, self.fmt, config)
+        self._log.clear()
+        self.reset_adapter()
+
     def load_adapter(self, folder: str | Path) -> None:
         """Replace the adapter's weights with a PEFT folder's (shapes and values checked)."""
         load_adapter_weights(self._model, ADAPTER, Path(folder))

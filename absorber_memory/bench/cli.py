@@ -1,0 +1,151 @@
+"""`absorber-memory bench {fidelity,latency,ablations,all}`: run the suite, write JSON, tables and plots.
+
+`--quick` shrinks every experiment (fewer conversations, queries, steps and
+lengths) to a few minutes on a 2-core CPU; the full settings are what
+BENCHMARKS.md reports. `--model tiny` runs on the in-process test model (for
+CI: the files appear, the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import chitchat_conversations, persona_conversation
+from .experiments import ablation_experiment, fidelity_experiment
+from .latency import latency_experiment
+from .report import markdown_table, plot_ablations, plot_fidelity, plot_latency, write_outputs
+
+#: Sizes of each mode: (quick, full).
+SETTINGS = {
+    "quick": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1], test_chitchat=1, queries=3, steps=4,
+                  lrs=[1e-3, 3e-3], probes=2, max_new_tokens=12, lengths=[256, 512], window=128, new_tokens=4,
+                  ablation={"absorb_turns": [4, 8], "sync_tokens": [0, 64], "update_penalty": [("none", 0.0), ("l2", 1e-3)],
+                            "lora_rank": [16, 4], "steps": [2, 4], "loss_threshold": [0.05]}),
+    "full": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1, 2], test_chitchat=2, queries=6, steps=20,
+                 lrs=[3e-4, 1e-3, 3e-3], probes=4, max_new_tokens=24,
+                 lengths=[1024, 2048, 4096, 8192, 16384], window=512, new_tokens=16,
+                 ablation={"absorb_turns": [2, 4, 8], "sync_tokens": [0, 16, 64], "update_penalty":
+                           [("none", 0.0), ("l1", 1e-4), ("l2", 1e-3)], "lora_rank": [16, 4, 8], "steps": [5, 10, 40],
+                           "loss_threshold": [0.05]}),
+}
+
+
+def _loader(model: str, device: str, threads: int | None) -> Any:
+    """A function rank -> fresh ParametricMemory (a new base model each call, so LoRA shapes can differ)."""
+    from ..memory import ParametricMemory
+
+    def load(rank: int = 16) -> Any:
+        config = dict(lora_rank=rank, lora_alpha=2.0 * rank, device=device, num_threads=threads, show_progress=False)
+        if model == "tiny":
+            from ..testing import tiny_model_and_tokenizer
+
+            base, tok = tiny_model_and_tokenizer()
+            return ParametricMemory(base, tokenizer=tok, config=config)
+        return ParametricMemory(model, config=config)
+
+    return load
+
+
+def _machine() -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _conversations(s: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    def cut(convs: list[Any]) -> list[Any]:
+        return [replace(c, queries=c.queries[: s["queries"]], keywords=c.keywords[: s["queries"]]) for c in convs]
+
+    dev = [persona_conversation(i) for i in s["dev_persona"]] + chitchat_conversations(s["dev_chitchat"], seed=1)
+    test = [persona_conversation(i) for i in s["test_persona"]] + chitchat_conversations(s["test_chitchat"], seed=0)
+    return cut(dev), cut(test)
+
+
+def _round_seconds(pm: Any, steps: int, probes: int, absorb_tokens: int, sync_tokens: int) -> float:
+    """Time one absorption round of the latency benchmark's shape (n and m tokens of essay text)."""
+    from .data import haystack_text
+
+    ids = pm.tokenizer(haystack_text(8 * (absorb_tokens + sync_tokens)), add_special_tokens=False)["input_ids"]
+    context = [{"role": "user", "content": pm.tokenizer.decode(ids[:absorb_tokens])}]
+    sync = [{"role": "user", "content": pm.tokenizer.decode(ids[absorb_tokens : absorb_tokens + sync_tokens])}]
+    pm.reconfigure(losses={"l1": 1.0}, max_steps=steps, loss_threshold=0.0, probe_count=probes)
+    start = time.perf_counter()
+    pm.absorb_turns([], context, [sync], n_probes=probes, base_teacher=True)
+    return time.perf_counter() - start
+
+
+def run(command: str, out: Path, *, quick: bool, model: str, device: str, threads: int | None) -> list[Path]:
+    """Run one subcommand (or `all`); returns the files written."""
+    from tqdm.auto import tqdm
+
+    s = SETTINGS["quick" if quick else "full"]
+    load = _loader(model, device, threads)
+    pm = load()
+    written: list[Path] = []
+    meta = {"command": command, "quick": quick, "model": model, "machine": _machine()}
+    if command in ("fidelity", "all"):
+        dev, test = _conversations(s)
+        bar = tqdm(total=len(dev) * 7 * len(s["lrs"]) + len(test) * 10, desc="fidelity", unit="run")
+        result = fidelity_experiment(pm, dev, test, steps=s["steps"], lrs=s["lrs"], probes=s["probes"],
+                                     max_new_tokens=s["max_new_tokens"], tick=_ticker(bar))
+        bar.close()
+        table = markdown_table(result["rows"], ["method", "steps", "lr", "kl", "gap_closed", "recall", "seconds",
+                                                "kl_generated", "kl_chitchat-dataset"])
+        written += write_outputs(out, "fidelity", {**meta, **result}, table, plot_fidelity)
+    if command in ("latency", "all"):
+        n, m = (64, 32) if quick else (256, 128)
+        round_s = _round_seconds(pm, s["steps"], s["probes"], n, m)
+        bar = tqdm(total=2 * len(s["lengths"]), desc="latency", unit="run")
+        result = latency_experiment(pm, s["lengths"], window=s["window"], new_tokens=s["new_tokens"],
+                                    round_seconds=round_s, absorb_tokens=n, tick=_ticker(bar))
+        bar.close()
+        table = markdown_table(result["rows"], ["setting", "transcript_tokens", "prompt_tokens", "prefill_s",
+                                                "ms_per_token", "peak_mib", "absorption_s_total",
+                                                "absorption_ms_per_transcript_token", "beyond_trained_context"])
+        written += write_outputs(out, "latency", {**meta, **result}, table, plot_latency)
+    if command in ("ablations", "all"):
+        conv = _conversations(s)[1][0]
+        bar = tqdm(total=sum(len(v) for v in s["ablation"].values()), desc="ablations", unit="run")
+        loaded = {16: pm}
+        result = ablation_experiment(lambda r: loaded[r] if r in loaded else loaded.setdefault(r, load(r)), conv,
+                                     grid=s["ablation"], steps=s["steps"], lr=1e-3, probes=s["probes"],
+                                     max_new_tokens=s["max_new_tokens"], tick=_ticker(bar))
+        bar.close()
+        table = markdown_table(result["points"], ["factor", "value", "kl", "kl_truncation", "gap_closed", "recall",
+                                                  "steps_run", "seconds", "context_messages", "sync_messages"])
+        written += write_outputs(out, "ablations", {**meta, **result}, table, plot_ablations)
+    return written
+
+
+def _ticker(bar: Any) -> Any:
+    def tick(label: str) -> None:
+        bar.set_postfix_str(label[:60])
+        bar.update(1)
+
+    return tick
+
+
+def add_parser(sub: Any) -> None:
+    """Register `bench` on the main CLI's subparsers."""
+    bench = sub.add_parser("bench", help="run the benchmark suite (JSON + markdown + PNG per experiment)")
+    bench.add_argument("experiment", choices=["fidelity", "latency", "ablations", "all"])
+    bench.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
+    bench.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
+    bench.add_argument("--model", default="smollm2-135m-instruct", help="model name, HF id, path, or 'tiny'")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = run(args.experiment, Path(args.out), quick=args.quick, model=args.model, device=args.device,
+                threads=args.threads)
+    print(json.dumps([str(p) for p in paths], indent=2))
+    return 0

@@ -1,0 +1,135 @@
+"""The memory methods the benchmark compares, and how each is scored against full context.
+
+Scoring follows `absorber_memory.metrics.fidelity`: for each held-out query
+the frozen model with the whole chat in its prompt (`[prefix; C; window;
+query]`) answers greedily, and every method is scored by the mean per-token
+KL(full || method) along that answer (pooled over tokens), plus keyword
+recall of its own greedy answer. Methods:
+
+- `full`: C in the prompt (the upper bound; KL 0 by construction).
+- `truncation`: C dropped, the window kept (a buffer memory).
+- `summary`: the same frozen model summarizes C; the summary goes into the
+  system prompt, the window stays.
+- absorbing methods: C trained into a fresh LoRA adapter with one loss
+  (`lm` = TTT-style next-token loss on C; `logit_kl`; hidden-state `l1`;
+  `mse`), sync text S = the window, `+probes` adds self-generated probes.
+  Every absorbing method runs exactly the same number of optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..generation import generate_ids
+from ..metrics import _answer_logprobs, _kl_sum
+from .data import Conversation
+
+SUMMARY_REQUEST = ("Summarize the conversation so far in two sentences. Keep every name, place, job, "
+                   "number and date the user mentioned.")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A memory method: `kind` is "prompt", "summary" or "absorb"."""
+
+    name: str
+    kind: str
+    loss: str | None = None
+    probes: bool = False
+
+
+METHODS = [
+    Method("full", "prompt"), Method("truncation", "prompt"), Method("summary", "summary"),
+    Method("ttt-lm", "absorb", "lm"),
+    Method("logit-kl", "absorb", "logit_kl"), Method("logit-kl+probes", "absorb", "logit_kl", True),
+    Method("sync-mse", "absorb", "mse"), Method("sync-mse+probes", "absorb", "mse", True),
+    Method("sync-l1", "absorb", "l1"), Method("sync-l1+probes", "absorb", "l1", True),
+]
+
+
+@dataclass
+class Reference:
+    """The full-context model's answer to one query, and its log-probs along that answer."""
+
+    query: str
+    keywords: list[str]
+    target: list[int]
+    logprobs: Any
+    answer: str
+
+
+def references(pm: Any, conv: Conversation, max_new_tokens: int) -> list[Reference]:
+    """The frozen model's full-context answers to `conv`'s queries (computed once per conversation)."""
+    refs = []
+    with pm.adapter_disabled():
+        for i, query in enumerate(conv.queries):
+            prompt = pm.fmt.encode(conv.prefix, conv.context + conv.window + [{"role": "user", "content": query}],
+                                   add_generation_prompt=True)
+            answer = generate_ids(pm.model, pm.tokenizer, prompt, max_new_tokens)
+            target = answer + [pm.tokenizer.eos_token_id]
+            refs.append(Reference(query, conv.keywords[i] if conv.keywords else [], target,
+                                  _answer_logprobs(pm.model, prompt, target),
+                                  pm.tokenizer.decode(answer, skip_special_tokens=True)))
+    return refs
+
+
+def recall_hit(answer: str, keywords: list[str]) -> bool:
+    return any(k.lower() in answer.lower() for k in keywords)
+
+
+def score(pm: Any, conv: Conversation, refs: list[Reference], prefix: list[dict[str, str]], *,
+          with_context: bool, adapter: bool, max_new_tokens: int) -> dict[str, Any]:
+    """KL(full || this setting) pooled over answer tokens, keyword recall, and the answers."""
+    kl, tokens, hits, scored, answers = 0.0, 0, 0, 0, []
+    extra = conv.context if with_context else []
+    with contextlib.nullcontext() if adapter else pm.adapter_disabled():
+        for ref in refs:
+            prompt = pm.fmt.encode(prefix, extra + conv.window + [{"role": "user", "content": ref.query}],
+                                   add_generation_prompt=True)
+            kl += _kl_sum(ref.logprobs, _answer_logprobs(pm.model, prompt, ref.target))
+            tokens += len(ref.target)
+            answer = pm.tokenizer.decode(generate_ids(pm.model, pm.tokenizer, prompt, max_new_tokens),
+                                         skip_special_tokens=True)
+            answers.append(answer.strip())
+            if ref.keywords:
+                scored += 1
+                hits += recall_hit(answer, ref.keywords)
+    return {"kl_sum": kl, "tokens": tokens, "hits": hits, "scored": scored, "answers": answers}
+
+
+def run_method(pm: Any, method: Method, conv: Conversation, refs: list[Reference], *, steps: int, lr: float,
+               probes: int, max_new_tokens: int, overrides: dict[str, Any] | None = None,
+               sync: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """Apply one method to one conversation and score it; `seconds` is its cost (training or summarizing).
+
+    `overrides` are further config fields for absorbing methods; `sync` replaces S (default: the window).
+    """
+    start, prefix, extra = time.perf_counter(), conv.prefix, {}
+    if method.kind == "prompt":
+        result = score(pm, conv, refs, prefix, with_context=method.name == "full", adapter=False,
+                       max_new_tokens=max_new_tokens)
+        return {**result, "seconds": 0.0}
+    if method.kind == "summary":
+        with pm.adapter_disabled():
+            ids = pm.fmt.encode(prefix, conv.context + [{"role": "user", "content": SUMMARY_REQUEST}],
+                                add_generation_prompt=True)
+            summary = pm.tokenizer.decode(generate_ids(pm.model, pm.tokenizer, ids, 64), skip_special_tokens=True)
+        seconds = time.perf_counter() - start
+        system = prefix[0]["content"] + "\n\nSummary of the earlier conversation: " + summary.strip()
+        result = score(pm, conv, refs, [{"role": "system", "content": system}], with_context=False, adapter=False,
+                       max_new_tokens=max_new_tokens)
+        return {**result, "seconds": seconds, "summary": summary.strip()}
+    settings = dict(losses={method.loss: 1.0}, lr=lr, max_steps=steps, loss_threshold=0.0,
+                    probe_count=probes if method.probes else 0)
+    pm.reconfigure(**{**settings, **(overrides or {})})
+    s_text = conv.window if sync is None else sync
+    segments = [s_text] if method.loss != "lm" and s_text else []
+    report = pm.absorb_turns(prefix, conv.context, segments, n_probes=probes if method.probes else 0,
+                             base_teacher=True)
+    extra = {"final_loss": report.final_loss, "initial_loss": report.initial_loss, "steps": report.steps}
+    seconds = time.perf_counter() - start
+    result = score(pm, conv, refs, prefix, with_context=False, adapter=True, max_new_tokens=max_new_tokens)
+    return {**result, "seconds": seconds, **extra}
