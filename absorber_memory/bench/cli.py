@@ -25,12 +25,12 @@ from .report import markdown_table, plot_ablations, plot_fidelity, plot_latency,
 
 #: Sizes of each mode: (quick, full).
 SETTINGS = {
-    "quick": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1], test_chitchat=1, queries=3, steps=4,
-                  lrs=[1e-3, 3e-3], probes=2, max_new_tokens=12, lengths=[256, 512], window=128, new_tokens=4,
-                  ablation={"absorb_turns": [4, 8], "sync_tokens": [0, 64], "update_penalty": [("none", 0.0), ("l2", 1e-3)],
-                            "lora_rank": [16, 4], "steps": [2, 4], "loss_threshold": [0.05]}),
-    "full": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1, 2], test_chitchat=2, queries=6, steps=20,
-                 lrs=[3e-4, 1e-3, 3e-3], probes=4, max_new_tokens=24,
+    "quick": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1], test_chitchat=0, queries=3, steps=4,
+                  lrs=[1e-3], probes=2, max_new_tokens=12, lengths=[256, 512], window=128, new_tokens=4,
+                  ablation={"absorb_turns": [4], "sync_tokens": [0], "update_penalty": [("l2", 1e-3)],
+                            "lora_rank": [16, 4], "steps": [2], "loss_threshold": [0.05]}),
+    "full": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1, 2], test_chitchat=1, queries=6, steps=20,
+                 lrs=[1e-4, 3e-4, 1e-3, 3e-3], probes=4, max_new_tokens=24,
                  lengths=[1024, 2048, 4096, 8192, 16384], window=512, new_tokens=16,
                  ablation={"absorb_turns": [2, 4, 8], "sync_tokens": [0, 16, 64], "update_penalty":
                            [("none", 0.0), ("l1", 1e-4), ("l2", 1e-3)], "lora_rank": [16, 4, 8], "steps": [5, 10, 40],
