@@ -104,11 +104,11 @@ def run(command: str, out: Path, *, quick: bool, model: str, device: str, thread
         n, m = (64, 32) if quick else (256, 128)
         round_s = _round_seconds(pm, s["steps"], s["probes"], n, m)
         bar = tqdm(total=2 * len(s["lengths"]), desc="latency", unit="run")
-        result = latency_experiment(pm, s["lengths"], window=s["window"], new_tokens=s["new_tokens"],
+        result = latency_experiment(pm, model, s["lengths"], window=s["window"], new_tokens=s["new_tokens"],
                                     round_seconds=round_s, absorb_tokens=n, tick=_ticker(bar))
         bar.close()
         table = markdown_table(result["rows"], ["setting", "transcript_tokens", "prompt_tokens", "prefill_s",
-                                                "ms_per_token", "peak_mib", "absorption_s_total",
+                                                "ms_per_token", "kv_cache_mib", "peak_mib", "absorption_s_total",
                                                 "absorption_ms_per_transcript_token", "beyond_trained_context"])
         written += write_outputs(out, "latency", {**meta, **result}, table, plot_latency)
     if command in ("ablations", "all"):
@@ -126,10 +126,23 @@ def run(command: str, out: Path, *, quick: bool, model: str, device: str, thread
 
 
 def _ticker(bar: Any) -> Any:
-    def tick(label: str) -> None:
-        bar.set_postfix_str(label[:60])
-        bar.update(1)
+    """`tick(label)` as each run starts: counts the previous run done, shows the new one (close counts the last)."""
+    started = [False]
 
+    def tick(label: str) -> None:
+        if started[0]:
+            bar.update(1)
+        started[0] = True
+        bar.set_postfix_str(label[:60])
+
+    original_close = bar.close
+
+    def close() -> None:
+        if started[0] and bar.n < bar.total:
+            bar.update(1)
+        original_close()
+
+    bar.close = close
     return tick
 
 

