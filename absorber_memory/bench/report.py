@@ -70,12 +70,8 @@ def plot_latency(result: dict[str, Any], path: Path) -> None:
         rows = [r for r in result["rows"] if r["setting"] == setting]
         xs = [r["transcript_tokens"] for r in rows]
         axes[0].plot(xs, [r["ms_per_token"] for r in rows], style, label=f"{setting}: decode")
-        axes[1].plot(xs, [r["peak_mib"] if r["peak_mib"] is not None else r["kv_cache_mib"] for r in rows], style,
-                     label=setting)
-        if setting == "absorber":
-            axes[0].plot(xs, [r["ms_per_token"] + r["absorption_ms_per_transcript_token"] for r in rows], "s--",
-                         label="absorber: decode + amortized absorption")
-    for ax, label in ((axes[0], "ms per generated token"), (axes[1], "peak memory above start (MiB)")):
+        axes[1].plot(xs, [r["kv_cache_mib"] for r in rows], style, label=setting)
+    for ax, label in ((axes[0], "ms per generated token"), (axes[1], "KV cache (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("transcript tokens")
         ax.set_ylabel(label)
