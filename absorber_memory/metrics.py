@@ -48,7 +48,7 @@ def _as_query(query: str | list[dict[str, Any]], i: int) -> list[Message]:
     return validate_messages(query, name=f"queries[{i}]")
 
 
-def _answer_logprobs(model: Any, prompt: list[int], answer: list[int]) -> torch.Tensor:
+def answer_logprobs(model: Any, prompt: list[int], answer: list[int]) -> torch.Tensor:
     """`[len(answer), V]` log-probs the model gives each answer token after `prompt`."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt + answer[:-1]], device=device)
@@ -57,8 +57,17 @@ def _answer_logprobs(model: Any, prompt: list[int], answer: list[int]) -> torch.
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def _kl_sum(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> float:
+def kl_sum(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> float:
+    """Summed per-token KL(teacher || student) along an answer (`[T, V]` log-probs each)."""
     return float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
+
+
+def reference_answer(model: Any, tokenizer: Any, prompt: list[int],
+                     max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
+    """The model's greedy answer after `prompt`: `(answer ids, answer + EOS, log-probs along answer + EOS)`."""
+    answer = generate_ids(model, tokenizer, prompt, max_new_tokens)
+    target = answer + [tokenizer.eos_token_id]
+    return answer, target, answer_logprobs(model, prompt, target)
 
 
 def fidelity(
@@ -93,14 +102,12 @@ def fidelity(
         full_prompt = fmt.encode(prefix, context + window + query, add_generation_prompt=True)
         short_prompt = fmt.encode(prefix, window + query, add_generation_prompt=True)
         with memory.adapter_disabled():
-            reference = generate_ids(model, tok, full_prompt, max_new_tokens)
-            target = reference + [tok.eos_token_id]
-            teacher = _answer_logprobs(model, full_prompt, target)
-            dropped = _answer_logprobs(model, short_prompt, target)
+            reference, target, teacher = reference_answer(model, tok, full_prompt, max_new_tokens)
+            dropped = answer_logprobs(model, short_prompt, target)
             answer_dropped = generate_ids(model, tok, short_prompt, max_new_tokens) if answers else None
-        absorbed = _answer_logprobs(model, short_prompt, target)
+        absorbed = answer_logprobs(model, short_prompt, target)
         answer_absorbed = generate_ids(model, tok, short_prompt, max_new_tokens) if answers else None
-        kl_a, kl_d = _kl_sum(teacher, absorbed), _kl_sum(teacher, dropped)
+        kl_a, kl_d = kl_sum(teacher, absorbed), kl_sum(teacher, dropped)
         totals["absorbed"] += kl_a
         totals["dropped"] += kl_d
         tokens += len(target)

@@ -20,6 +20,7 @@ import torch
 
 from .data import chitchat_conversations, persona_conversation
 from .experiments import ablation_experiment, fidelity_experiment
+from .methods import METHODS
 from .latency import latency_experiment
 from .report import markdown_table, plot_ablations, plot_fidelity, plot_latency, write_outputs
 
@@ -91,9 +92,10 @@ def run(command: str, out: Path, *, quick: bool, model: str, device: str, thread
     pm = load()
     written: list[Path] = []
     meta = {"command": command, "quick": quick, "model": model, "machine": _machine()}
+    dev, test = _conversations(s) if command != "latency" else ([], [])
     if command in ("fidelity", "all"):
-        dev, test = _conversations(s)
-        bar = tqdm(total=len(dev) * 7 * len(s["lrs"]) + len(test) * 10, desc="fidelity", unit="run")
+        absorbing = sum(m.kind == "absorb" for m in METHODS)
+        bar = tqdm(total=len(dev) * absorbing * len(s["lrs"]) + len(test) * len(METHODS), desc="fidelity", unit="run")
         result = fidelity_experiment(pm, dev, test, steps=s["steps"], lrs=s["lrs"], probes=s["probes"],
                                      max_new_tokens=s["max_new_tokens"], tick=_ticker(bar))
         bar.close()
@@ -112,7 +114,7 @@ def run(command: str, out: Path, *, quick: bool, model: str, device: str, thread
                                                 "absorption_ms_per_transcript_token", "beyond_trained_context"])
         written += write_outputs(out, "latency", {**meta, **result}, table, plot_latency)
     if command in ("ablations", "all"):
-        conv = _conversations(s)[1][0]
+        conv = test[0]
         bar = tqdm(total=sum(len(v) for v in s["ablation"].values()), desc="ablations", unit="run")
         loaded = {16: pm}
         result = ablation_experiment(lambda r: loaded[r] if r in loaded else loaded.setdefault(r, load(r)), conv,

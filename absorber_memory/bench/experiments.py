@@ -79,9 +79,7 @@ def ablation_experiment(pm_for_rank: Callable[[int], Any], conv: Conversation, *
     """Vary one factor at a time around the defaults (hidden-state L1 + probes) and score each point."""
     pm = pm_for_rank(grid["lora_rank"][0] if "lora_rank" in grid else 16)
     refs = references(pm, conv, max_new_tokens)
-    truncation = run_method(pm, Method("truncation", "prompt"), conv, refs, steps=0, lr=0.0, probes=0,
-                            max_new_tokens=max_new_tokens)
-    base = truncation["kl_sum"] / truncation["tokens"]
+    base = _truncation_kl(pm, conv, refs, max_new_tokens)
     points = []
     for factor, values in grid.items():
         for value in values:

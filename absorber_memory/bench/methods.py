@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..generation import generate_ids
-from ..metrics import _answer_logprobs, _kl_sum
+from ..generation import generate_text
+from ..metrics import answer_logprobs, kl_sum, reference_answer
 from .data import Conversation
 
 SUMMARY_REQUEST = ("Summarize the conversation so far in two sentences. Keep every name, place, job, "
@@ -68,10 +68,8 @@ def references(pm: Any, conv: Conversation, max_new_tokens: int) -> list[Referen
         for i, query in enumerate(conv.queries):
             prompt = pm.fmt.encode(conv.prefix, conv.context + conv.window + [{"role": "user", "content": query}],
                                    add_generation_prompt=True)
-            answer = generate_ids(pm.model, pm.tokenizer, prompt, max_new_tokens)
-            target = answer + [pm.tokenizer.eos_token_id]
-            refs.append(Reference(query, conv.keywords[i] if conv.keywords else [], target,
-                                  _answer_logprobs(pm.model, prompt, target),
+            answer, target, logprobs = reference_answer(pm.model, pm.tokenizer, prompt, max_new_tokens)
+            refs.append(Reference(query, conv.keywords[i] if conv.keywords else [], target, logprobs,
                                   pm.tokenizer.decode(answer, skip_special_tokens=True)))
     return refs
 
@@ -89,11 +87,10 @@ def score(pm: Any, conv: Conversation, refs: list[Reference], prefix: list[dict[
         for ref in refs:
             prompt = pm.fmt.encode(prefix, extra + conv.window + [{"role": "user", "content": ref.query}],
                                    add_generation_prompt=True)
-            kl += _kl_sum(ref.logprobs, _answer_logprobs(pm.model, prompt, ref.target))
+            kl += kl_sum(ref.logprobs, answer_logprobs(pm.model, prompt, ref.target))
             tokens += len(ref.target)
-            answer = pm.tokenizer.decode(generate_ids(pm.model, pm.tokenizer, prompt, max_new_tokens),
-                                         skip_special_tokens=True)
-            answers.append(answer.strip())
+            answer = generate_text(pm.model, pm.tokenizer, prompt, max_new_tokens)
+            answers.append(answer)
             if ref.keywords:
                 scored += 1
                 hits += recall_hit(answer, ref.keywords)
@@ -107,7 +104,7 @@ def run_method(pm: Any, method: Method, conv: Conversation, refs: list[Reference
 
     `overrides` are further config fields for absorbing methods; `sync` replaces S (default: the window).
     """
-    start, prefix, extra = time.perf_counter(), conv.prefix, {}
+    start, prefix = time.perf_counter(), conv.prefix
     if method.kind == "prompt":
         result = score(pm, conv, refs, prefix, with_context=method.name == "full", adapter=False,
                        max_new_tokens=max_new_tokens)
@@ -116,12 +113,12 @@ def run_method(pm: Any, method: Method, conv: Conversation, refs: list[Reference
         with pm.adapter_disabled():
             ids = pm.fmt.encode(prefix, conv.context + [{"role": "user", "content": SUMMARY_REQUEST}],
                                 add_generation_prompt=True)
-            summary = pm.tokenizer.decode(generate_ids(pm.model, pm.tokenizer, ids, 64), skip_special_tokens=True)
+            summary = generate_text(pm.model, pm.tokenizer, ids, 64)
         seconds = time.perf_counter() - start
-        system = prefix[0]["content"] + "\n\nSummary of the earlier conversation: " + summary.strip()
+        system = prefix[0]["content"] + "\n\nSummary of the earlier conversation: " + summary
         result = score(pm, conv, refs, [{"role": "system", "content": system}], with_context=False, adapter=False,
                        max_new_tokens=max_new_tokens)
-        return {**result, "seconds": seconds, "summary": summary.strip()}
+        return {**result, "seconds": seconds, "summary": summary}
     settings = dict(losses={method.loss: 1.0}, lr=lr, max_steps=steps, loss_threshold=0.0,
                     probe_count=probes if method.probes else 0)
     pm.reconfigure(**{**settings, **(overrides or {})})
