@@ -117,10 +117,13 @@ class AbsorberMemory(CoreHandle, BaseMemory):
 
     def get_all(self) -> list[ChatMessage]:
         """The system prefix and every stored turn, absorbed ones included."""
-        core = self._session()
-        return [from_chat(m) for m in core.prefix(self.session_id)] + [
-            from_chat(r.as_chat()) for r in core.transcript(self.session_id) if r.role != "system"
-        ]
+        prefix, turns = self._stored(self._session())
+        return [from_chat(m) for m in prefix + turns]
+
+    def _stored(self, core: Any) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        """`(system prefix, conversation)` of the session, absorbed turns included, from one read."""
+        rows = [r.as_chat() for r in core.transcript(self.session_id)]
+        return [m for m in rows if m["role"] == "system"], [m for m in rows if m["role"] != "system"]
 
     # --- writing ----------------------------------------------------------------------------------
     def put(self, message: ChatMessage) -> None:
@@ -137,12 +140,12 @@ class AbsorberMemory(CoreHandle, BaseMemory):
         """Make `messages` the session's history (see the module doc for what is kept)."""
         system, given = split_prefix(to_chat_messages(messages))  # checked before anything stored changes
         core = self._session()
-        stored = [r.as_chat() for r in core.transcript(self.session_id) if r.role != "system"]
-        if given[: len(stored)] == stored and (not system or system == core.prefix(self.session_id)):
+        stored_prefix, stored = self._stored(core)
+        if given[: len(stored)] == stored and (not system or system == stored_prefix):
             if given[len(stored):]:
                 core.add_messages(given[len(stored):], session_id=self.session_id, user_id=self.user_id)
             return
-        prefix = system or core.prefix(self.session_id)
+        prefix = system or stored_prefix
         core.forget(self.session_id)
         if prefix or given:
             core.add_messages(prefix + given, session_id=self.session_id, user_id=self.user_id)
