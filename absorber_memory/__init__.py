@@ -19,6 +19,7 @@ from .errors import (
     InvalidSessionError,
     JobCancelled,
     ModelLoadError,
+    SkippedContentWarning,
     StorageError,
     TemplateError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "LocalExecutor",
     "ModelLoadError",
     "ParametricMemory",
+    "SkippedContentWarning",
     "StorageError",
     "StoredMessage",
     "TemplateError",

@@ -14,9 +14,10 @@ once C has left the prompt; the teacher reads S after C. The adapter thus
 learns to act as if C were present without needing any position offset at
 inference.
 
-If the loss turns non-finite, or anything raises mid-training (a cancelled
-job, say), the adapter is restored to its state before this call, so a
-memory never holds a half-trained or broken update.
+If the loss or the gradient norm turns non-finite (exploding gradients), or
+anything raises mid-training (a cancelled job, say), the adapter is restored
+to its state before this call, so a memory never holds a half-trained or
+broken update.
 """
 
 from __future__ import annotations
@@ -226,8 +227,11 @@ class Absorber:
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                # Clip (or with clipping off, only measure): a non-finite norm means exploding gradients.
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                if not torch.isfinite(norm):
+                    raise AbsorptionError(f"gradient norm became {float(norm)} at step {step} "
+                                          "(exploding gradients); adapter rolled back")
                 optimizer.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")

@@ -18,11 +18,12 @@ system prompt there), so the student sees exactly what inference sees.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from .errors import InvalidMessageError, TemplateError
+from .errors import InvalidMessageError, SkippedContentWarning, TemplateError
 
 ROLES = ("system", "user", "assistant", "tool")
 Message = dict[str, str]
@@ -32,12 +33,75 @@ _PROBE_SYSTEM = {"role": "system", "content": "s"}
 _PROBE_USER = {"role": "user", "content": "u"}
 
 
+#: Content-part types whose `text` is kept (OpenAI and LangChain block formats).
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+#: More characters per token than any real tokenizer averages over a whole message.
+_MAX_CHARS_PER_TOKEN = 16
+
+
+def content_text(content: Any, where: str = "message") -> str:
+    """The text of a message's content: a string, or a list of content parts.
+
+    A list is the multimodal form (`[{"type": "text", "text": ...},
+    {"type": "image_url", ...}]`, or plain strings). Text parts are joined
+    and kept; other parts (images, audio, files) are skipped with a
+    `SkippedContentWarning` naming their types, because the memory is a
+    text model's memory: refusing the whole turn would lose its text too.
+
+    Raises:
+        InvalidMessageError: for content that is neither a string nor a list
+            of parts, or a text part whose `text` is not a string.
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise InvalidMessageError(f"`{where}.content` must be a string or a list of content parts, "
+                                  f"got {type(content).__name__}")
+    texts, skipped = [], []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") in TEXT_PART_TYPES:
+            if not isinstance(part.get("text"), str):
+                raise InvalidMessageError(f"`{where}.content[{j}].text` must be a string, "
+                                          f"got {type(part.get('text')).__name__}")
+            texts.append(part["text"])
+        else:
+            skipped.append(str(part.get("type")) if isinstance(part, dict) else type(part).__name__)
+    warn_skipped(where, skipped)
+    return "".join(texts)
+
+
+def warn_skipped(where: str, kinds: list[str]) -> None:
+    """Warn that non-text content parts of a message were left out of the memory."""
+    if kinds:
+        warnings.warn(f"{where}: skipped {len(kinds)} non-text content part(s) {sorted(set(kinds))}; "
+                      "only text is remembered", SkippedContentWarning, stacklevel=3)
+
+
+def check_text(text: str, where: str) -> str:
+    """Refuse text the store and tokenizers cannot hold faithfully: NUL and lone surrogates.
+
+    Other control characters (tabs, escape sequences, ...) are valid text and
+    are kept exactly as given.
+    """
+    if "\x00" in text:
+        raise InvalidMessageError(f"`{where}` contains a NUL character at position {text.index(chr(0))}; "
+                                  "NUL is not text (binary data?)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessageError(f"`{where}` is not valid unicode: lone surrogate at position {exc.start}") from None
+    return text
+
+
 def validate_messages(messages: Any, *, name: str = "messages", allow_empty: bool = False) -> list[Message]:
     """Check chat messages and return clean `{"role", "content"}` copies.
 
     Args:
         messages: a list of dicts with a `role` in `ROLES` and a non-blank
-            string `content`; extra keys (ids, metadata) are dropped.
+            `content`: a string, or a list of content parts (see
+            `content_text`); extra keys (ids, metadata) are dropped.
         name: what to call the argument in error messages.
         allow_empty: whether an empty list is acceptable.
 
@@ -50,17 +114,36 @@ def validate_messages(messages: Any, *, name: str = "messages", allow_empty: boo
         raise InvalidMessageError(f"`{name}` is empty; pass at least one message")
     clean = []
     for i, msg in enumerate(messages):
+        where = f"{name}[{i}]"
         if not isinstance(msg, dict):
-            raise InvalidMessageError(f"`{name}[{i}]` must be a dict with role and content, got {type(msg).__name__}")
-        role, content = msg.get("role"), msg.get("content")
+            raise InvalidMessageError(f"`{where}` must be a dict with role and content, got {type(msg).__name__}")
+        if "role" not in msg:
+            raise InvalidMessageError(f"`{where}` has no `role`; use one of {list(ROLES)}")
+        role = msg["role"]
         if role not in ROLES:
-            raise InvalidMessageError(f"`{name}[{i}].role` must be one of {list(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise InvalidMessageError(f"`{name}[{i}].content` must be a string, got {type(content).__name__}")
-        if not content.strip():
-            raise InvalidMessageError(f"`{name}[{i}].content` is empty or whitespace")
-        clean.append({"role": role, "content": content})
+            raise InvalidMessageError(f"`{where}.role` must be one of {list(ROLES)}, got {role!r}")
+        text = check_text(content_text(msg.get("content"), where), f"{where}.content")
+        if not text.strip():
+            raise InvalidMessageError(f"`{where}.content` is empty or whitespace (or has no text part)")
+        clean.append({"role": role, "content": text})
     return clean
+
+
+def check_lengths(fmt: ChatFormat, messages: list[Message], limit: int, *, name: str = "messages") -> None:
+    """Refuse a message longer than `limit` tokens: it could never fit in a prompt.
+
+    Such a message is rejected rather than split: a split would change what
+    the turn says and where turns begin. Split long documents yourself.
+    """
+    for i, msg in enumerate(messages):
+        chars = len(msg["content"])
+        # Far too long to tokenize usefully (and to cache): refuse by length alone.
+        size = f"{chars} characters" if chars > _MAX_CHARS_PER_TOKEN * limit else f"{fmt.count(msg)} tokens"
+        if chars > _MAX_CHARS_PER_TOKEN * limit or fmt.count(msg) > limit:
+            raise InvalidMessageError(
+                f"`{name}[{i}]` is {size}; one message must fit in the prompt ({limit} tokens: "
+                "`context_tokens`, default the model's context minus `max_new_tokens`); split it into smaller messages"
+            )
 
 
 def split_prefix(messages: list[Message], *, name: str = "messages") -> tuple[list[Message], list[Message]]:

@@ -43,3 +43,7 @@ class InvalidSessionError(AbsorberError, ValueError):
 
 class JobCancelled(AbsorberError):
     """An absorption job was cancelled (or its session forgotten) while it ran."""
+
+
+class SkippedContentWarning(UserWarning):
+    """Non-text parts of a message (images, audio, files) were left out: only text is remembered."""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .absorber import Absorber, AbsorptionReport
-from .chat import ChatFormat, Message, split_prefix, validate_messages
+from .chat import ChatFormat, Message, check_lengths, split_prefix, validate_messages
 from .config import AbsorberConfig
 from .errors import ConfigError, InvalidMessageError, StorageError
 from .generation import generate_text
@@ -80,6 +80,25 @@ def base_model(model: str | Any, tokenizer: Any | None, config: AbsorberConfig) 
     return base, tokenizer
 
 
+def prompt_limit(config: AbsorberConfig, base: Any) -> int:
+    """Most conversation tokens one prompt may hold; refuses budgets the model's context cannot hold.
+
+    The limit is `context_tokens`, else the model's context minus
+    `max_new_tokens`. A single message longer than this is refused when it
+    is added (see `chat.check_lengths`).
+    """
+    context = getattr(base.config, "max_position_embeddings", None) or 1 << 30
+    if config.max_new_tokens >= context:
+        raise ConfigError(f"`max_new_tokens` must be < the model's context ({context} tokens), "
+                          f"got {config.max_new_tokens}")
+    for field in ("window_tokens", "context_tokens"):
+        value = getattr(config, field)
+        if value is not None and value + config.max_new_tokens > context:
+            raise ConfigError(f"`{field}` + `max_new_tokens` must be <= the model's context ({context} tokens), "
+                              f"got {value} + {config.max_new_tokens}")
+    return config.context_tokens or context - config.max_new_tokens
+
+
 def as_config(config: AbsorberConfig | dict[str, Any] | None) -> AbsorberConfig:
     """An `AbsorberConfig` from None (defaults), a config, or a dict of fields."""
     if config is None:
@@ -113,6 +132,7 @@ class ParametricMemory:
 
         self.config = as_config(config)
         base, tokenizer = base_model(model, tokenizer, self.config)
+        self._limit = prompt_limit(self.config, base)
         self.base_identity = model_identity(base)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
@@ -187,6 +207,7 @@ class ParametricMemory:
         become the prefix). Returns the reports of absorptions this triggered.
         """
         clean = validate_messages(messages)
+        check_lengths(self.fmt, clean, self._limit)
         prefix, rest = split_prefix(clean)
         if prefix and self._transcript:
             raise InvalidMessageError("system messages must come before the conversation starts")
@@ -230,6 +251,7 @@ class ParametricMemory:
                 `probe_count` probes answered by the teacher.
         """
         prefix, context_rest = split_prefix(validate_messages(context, name="context"), name="context")
+        check_lengths(self.fmt, context_rest, self._limit, name="context")
         if not context_rest:
             raise InvalidMessageError("`context` holds only system messages; nothing to absorb")
         segments = []
@@ -314,10 +336,11 @@ class ParametricMemory:
         `ParametricMemory` to change it. The transcript is kept.
         """
         config = AbsorberConfig(**{**self.config.model_dump(), **overrides})
+        limit = prompt_limit(config, self._model.get_base_model())
         changed = sorted(k for k in overrides if k.startswith("lora_") and getattr(config, k) != getattr(self.config, k))
         if changed:
             raise ConfigError(f"{changed} shape the adapter and cannot change after it is built; load a new memory")
-        self.config = config
+        self.config, self._limit = config, limit
         self._absorber = Absorber(self._model, self.fmt, config)
         self._log.clear()
         self.reset_adapter()

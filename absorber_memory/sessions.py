@@ -39,13 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import AdapterCache
-from .chat import ChatFormat, Message, split_prefix, validate_messages
+from .chat import ChatFormat, Message, check_lengths, split_prefix, validate_messages
 from .config import AbsorberConfig
 from .errors import InvalidMessageError, StorageError
 from .executor import Executor, JobSpec, LocalExecutor
 from .generation import TextStream, generate_text
 from .jobs import QueueHooks
-from .memory import as_config, base_model, lora_config
+from .memory import as_config, base_model, lora_config, prompt_limit
 from .models import DEFAULT_MODEL, absorber_home, identity_mismatch, model_identity
 from .queue import AbsorptionQueue, JobHandle, JobInfo
 from .shared import register
@@ -86,13 +86,11 @@ class AbsorberMemory(QueueHooks):
         self.model_name: str | None = str(model) if isinstance(model, (str, Path)) else None
         #: A name for traces and logs (the id or path given, else the loaded model's `name_or_path`).
         self.model_label: str = self.model_name or getattr(base.config, "name_or_path", "") or type(base).__name__
+        self._context_limit = prompt_limit(self.config, base)  # bad budgets fail before anything is on disk
         self._store = Store(self.data_dir)
         try:
             self._check_base(model_identity(base))
             self.fmt = ChatFormat(self.tokenizer)
-            self._context_limit = self.config.context_tokens or (
-                getattr(base.config, "max_position_embeddings", 1 << 30) - self.config.max_new_tokens
-            )
             self._lock = threading.RLock()
             self._specs: dict[int, JobSpec] = {}
             executor = executor or LocalExecutor(base, self.tokenizer, self.config, self.config.absorb_workers)
@@ -214,7 +212,7 @@ class AbsorberMemory(QueueHooks):
         """
         sid = check_id(session_id)
         uid = None if user_id is None else check_id(user_id, "user_id")
-        clean = validate_messages(messages)
+        clean = self.validate(messages)
         if keys is not None and (len(keys) != len(clean) or not all(k is None or isinstance(k, str) for k in keys)):
             raise InvalidMessageError(f"`keys` must be a list of {len(clean)} strings or None, got {keys!r}")
         prefix, _ = split_prefix(clean)
@@ -229,6 +227,17 @@ class AbsorberMemory(QueueHooks):
             if self.config.auto_absorb and schedule:
                 self._schedule(sid)
         return ids
+
+    def validate(self, messages: list[dict[str, Any]], *, allow_empty: bool = False) -> list[Message]:
+        """The checks `add_messages` runs, without storing anything: clean copies, or `InvalidMessageError`.
+
+        For callers that must know a history is acceptable before they change
+        what is stored (replacing a session, say).
+        """
+        clean = validate_messages(messages, allow_empty=allow_empty)
+        check_lengths(self.fmt, clean, self._context_limit)
+        split_prefix(clean)
+        return clean
 
     def set_prefix(self, session_id: str, system: list[dict[str, Any]] | str) -> bool:
         """Replace the session's system prefix; returns whether it changed.

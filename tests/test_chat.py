@@ -9,11 +9,11 @@ from absorber_memory.chat import ChatFormat, split_prefix, validate_messages
     [
         ([], r"`messages` is empty"),
         ("hello", r"must be a list of chat messages, got str"),
-        ([{"role": "user"}], r"`messages\[0\].content` must be a string, got NoneType"),
-        ([{"role": "user", "content": 5}], r"must be a string, got int"),
+        ([{"role": "user"}], r"`messages\[0\].content` must be a string or a list of content parts, got NoneType"),
+        ([{"role": "user", "content": 5}], r"must be a string or a list of content parts, got int"),
         ([{"role": "user", "content": "  \n"}], r"is empty or whitespace"),
         ([{"role": "robot", "content": "hi"}], r"`messages\[0\].role` must be one of"),
-        ([{"content": "hi"}], r"`messages\[0\].role`"),
+        ([{"content": "hi"}], r"`messages\[0\]` has no `role`"),
         (["hi"], r"`messages\[0\]` must be a dict"),
     ],
 )

@@ -21,6 +21,7 @@ EXPECTED_ALL = [
     "LocalExecutor",
     "ModelLoadError",
     "ParametricMemory",
+    "SkippedContentWarning",
     "StorageError",
     "StoredMessage",
     "TemplateError",

@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from absorber_memory import AbsorberConfig, AbsorberMemory
+from absorber_memory import AbsorberConfig, AbsorberMemory, SkippedContentWarning
 from absorber_memory.testing import tiny_model_and_tokenizer
 from langchain_absorber import AbsorberLLM, ChatAbsorber, parse_tool_calls, to_chat, to_chat_messages
 
@@ -147,10 +147,13 @@ def test_tool_call_round_trip_through_rendering():
     assert to_chat(AIMessage(content="")) is None  # nothing to say: dropped from prompts
 
 
-def test_non_text_content_is_refused_by_name():
-    image = HumanMessage(content=[{"type": "image_url", "image_url": {"url": "http://x"}}])
-    with pytest.raises(ValueError, match="image_url"):
-        to_chat_messages([image])
+def test_non_text_content_is_skipped_with_a_warning():
+    image = {"type": "image_url", "image_url": {"url": "http://x"}}
+    with pytest.warns(SkippedContentWarning, match="image_url"):
+        assert to_chat_messages([HumanMessage(content=[{"type": "text", "text": "Look"}, image])]) == [
+            {"role": "user", "content": "Look"}]
+    with pytest.warns(SkippedContentWarning):
+        assert to_chat_messages([HumanMessage(content=[image])]) == []  # no text: dropped like an empty message
 
 
 def test_llm_completion_flavours(memory):

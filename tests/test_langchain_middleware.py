@@ -114,7 +114,7 @@ async def test_agent_under_ainvoke(make_service, monkeypatch):
 def test_pending_turns_stay_in_the_prompt_until_absorbed(make_service, monkeypatch):
     """Evicted turns whose absorption has not committed are still shown to the model."""
     held = []
-    memory, scripted, agent = build(make_service, monkeypatch, turns=4, cap=4000,
+    memory, scripted, agent = build(make_service, monkeypatch, turns=4, cap=2000,
                                     wrap=lambda ex: held.append(Controlled(ex, hold=True)) or held[-1])
     try:
         for i in range(4):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole
+from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock
 
 from llama_index.memory.absorber import AbsorberLLM
+
+from absorber_memory import InvalidMessageError, SkippedContentWarning
 
 
 @pytest.fixture
@@ -46,10 +48,14 @@ def test_metadata_is_truthful(llm):
     assert meta.context_window == llm.core._context_limit
 
 
-def test_non_text_blocks_are_refused_by_name(llm):
-    message = ChatMessage(role="user", blocks=[ImageBlock(url="http://example.com/x.png")])
-    with pytest.raises(ValueError, match="ImageBlock"):
-        llm.chat([message])
+def test_non_text_blocks_are_skipped_with_a_warning(llm):
+    image = ImageBlock(url="http://example.com/x.png")
+    mixed = ChatMessage(role="user", blocks=[TextBlock(text="Hello!"), image])
+    with pytest.warns(SkippedContentWarning, match="ImageBlock"):
+        answer = llm.chat([mixed]).message.content
+    assert answer == llm.chat([ChatMessage(role="user", content="Hello!")]).message.content
+    with pytest.warns(SkippedContentWarning), pytest.raises(InvalidMessageError, match="empty"):
+        llm.chat([ChatMessage(role="user", blocks=[image])])  # nothing left to answer
 
 
 def test_missing_llamaindex_names_the_extra():

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.chat_engine import CondensePlusContextChatEngine, SimpleChatEngine
 from llama_index.core.memory import Memory
 from llama_index.core.retrievers import BaseRetriever
@@ -180,8 +180,8 @@ def test_set_extends_or_replaces_and_bad_input_changes_nothing(make_service):
     assert core.adapter_path("s") is not None and len(core.transcript("s")) == 12
     assert all(p.exists() for p in [core.adapter_path("s")])
     before = [(m.id, m.content) for m in core.transcript("s")]
-    with pytest.raises(ValueError, match="ImageBlock"):
-        memory.set([ChatMessage(role="user", blocks=[ImageBlock(url="http://example.com/x.png")])])
+    with pytest.raises(InvalidMessageError, match="NUL"):
+        memory.set([ChatMessage(role="user", content="binary\x00data")])
     with pytest.raises(InvalidMessageError, match="system message after"):
         memory.set([history[0], ChatMessage(role="system", content="late")])
     assert [(m.id, m.content) for m in core.transcript("s")] == before

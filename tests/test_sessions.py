@@ -295,7 +295,7 @@ def test_set_prefix_replaces_the_system_messages(make_service):
 
 
 def test_absorb_messages_absorbs_every_message_now(make_service):
-    memory = make_service(window_tokens=10_000)  # the window policy alone would absorb nothing
+    memory = make_service(window_tokens=2000)  # the window policy alone would absorb nothing
     rows = [r for k in range(3) for r in turn(k)]
     handles = memory.absorb_messages(rows, session_id="s")
     assert handles and all(h.session_id == "s" for h in handles)

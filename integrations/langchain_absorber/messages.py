@@ -12,7 +12,8 @@ by answering
     <tool_call>{"name": "get_weather", "arguments": {"city": "Lisbon"}}</tool_call>
 
 An `AIMessage` with `tool_calls` is rendered back to exactly that text, and a
-`ToolMessage` becomes a `tool` turn. Output that is not well-formed (bad
+`ToolMessage` becomes a `tool` turn. Content blocks other than text
+(images, audio, files) are skipped with a `SkippedContentWarning`. Output that is not well-formed (bad
 JSON, unknown tool, arguments not an object, an unclosed tag) stays plain
 text: never an exception.
 """
@@ -34,6 +35,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from absorber_memory.chat import content_text
 from absorber_memory.errors import InvalidMessageError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -42,29 +44,13 @@ _ROLE_ALIASES = {"human": "user", "user": "user", "ai": "assistant", "assistant"
                  "system": "system", "tool": "tool", "function": "tool"}
 
 
-def text_of(content: str | list[Any], where: str = "message") -> str:
-    """The text of a message's content (a string, or a list of text blocks)."""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        else:
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise InvalidMessageError(f"{where} has a content block of type {kind!r}; only text is supported")
-    return "".join(parts)
-
-
 def render_tool_call(name: str, args: dict[str, Any]) -> str:
     return f"{TOOL_CALL_OPEN}{json.dumps({'name': name, 'arguments': args}, ensure_ascii=False)}{TOOL_CALL_CLOSE}"
 
 
 def to_chat(message: BaseMessage, where: str = "message") -> dict[str, str] | None:
     """One LangChain message as a `{"role", "content"}` dict; None for a message with no text at all."""
-    text = text_of(message.content, where)
+    text = content_text(message.content, where)  # non-text blocks skipped with a warning
     if isinstance(message, SystemMessage):
         role = "system"
     elif isinstance(message, HumanMessage):

@@ -138,8 +138,8 @@ class AbsorberMemory(CoreHandle, BaseMemory):
 
     def set(self, messages: list[ChatMessage]) -> None:
         """Make `messages` the session's history (see the module doc for what is kept)."""
-        system, given = split_prefix(to_chat_messages(messages))  # checked before anything stored changes
         core = self._session()
+        system, given = split_prefix(core.validate(to_chat_messages(messages), allow_empty=True))  # before anything stored changes
         stored_prefix, stored = self._stored(core)
         if given[: len(stored)] == stored and (not system or system == stored_prefix):
             if given[len(stored):]:

@@ -1,7 +1,7 @@
 """LlamaIndex `ChatMessage` <-> absorber-memory chat dicts.
 
-Text only: a message with image, audio or other non-text blocks is refused
-with an error naming the block type. Roles map onto the core's four
+Text only: image, audio and other non-text blocks are skipped with a
+`SkippedContentWarning` naming their types; the text blocks are kept. Roles map onto the core's four
 (`developer` -> system, `chatbot`/`model` -> assistant, `function` -> tool).
 """
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock
 
+from absorber_memory.chat import warn_skipped
 from absorber_memory.errors import InvalidMessageError
 
 _ROLES = {
@@ -22,12 +23,8 @@ _ROLES = {
 
 def to_chat(message: ChatMessage, where: str = "message") -> dict[str, str] | None:
     """One LlamaIndex message as a `{"role", "content"}` dict; None when it has no text."""
-    parts = []
-    for block in message.blocks:
-        if not isinstance(block, TextBlock):
-            raise InvalidMessageError(f"{where} has a {type(block).__name__}; only text is supported")
-        parts.append(block.text)
-    text = "".join(parts)
+    text = "".join(block.text for block in message.blocks if isinstance(block, TextBlock))
+    warn_skipped(where, [type(block).__name__ for block in message.blocks if not isinstance(block, TextBlock)])
     role = _ROLES.get(MessageRole(message.role))
     if role is None:
         raise InvalidMessageError(f"{where} has role {message.role!r}, which is not supported")
