@@ -163,10 +163,13 @@ def load_model(
     set_threads(num_threads)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    source = cached_model_dir(name, cache_dir) if name in _EMBEDDED else name
+    embedded = name in _EMBEDDED
+    source = cached_model_dir(name, cache_dir) if embedded else name
+    # Our own cache is read as safetensors only: a pickle planted there is never loaded.
+    safe = {"use_safetensors": True} if embedded else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **safe)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:

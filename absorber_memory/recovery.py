@@ -10,20 +10,28 @@ Runs once when `AbsorberMemory` opens, before any worker starts:
   session's next pending job and it grew from the committed version:
   that is exactly the state the commit would have made, so the minutes of
   training are not redone. Any other stray version folder is deleted;
-- if the committed adapter folder itself is missing (deleted by hand), the
-  session falls back to no adapter and its messages return to the window,
-  to be absorbed again: messages are never dropped because weights were.
+- if the committed adapter folder itself is missing (deleted by hand) or
+  unreadable (a corrupt config or safetensors header), the session falls
+  back to no adapter, its messages return to the window and its pending
+  jobs are cancelled; the caller plans absorption again from the oldest
+  message. Messages are never dropped because weights were.
+
+Reading the safetensors header costs a few milliseconds per session; the
+tensors themselves are checked (shapes, finite values) when first loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from safetensors import safe_open
 
 from .errors import StorageError
 from .executor import JOB_MARKER
-from .persistence import read_json
+from .persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
 from .store import PENDING, session_key
 
 if TYPE_CHECKING:
@@ -32,15 +40,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def recover_sessions(memory: AbsorberMemory) -> None:
+def recover_sessions(memory: AbsorberMemory) -> list[str]:
+    """Repair every session; returns the ids whose adapter was dropped (to plan absorption again)."""
     store = memory._store
     sessions = store.sessions()
     keep = {session_key(s) for s in sessions}
     for folder in (memory.data_dir / "sessions").iterdir():
         if folder.name not in keep:
             shutil.rmtree(folder, ignore_errors=True)
-    for sid in sessions:
-        _recover_session(memory, sid)
+    return [sid for sid in sessions if _recover_session(memory, sid)]
+
+
+def readable_adapter(folder: Path) -> str | None:
+    """Why a committed adapter folder cannot be used (None: its config and weights header parse)."""
+    try:
+        config = read_json(folder / ADAPTER_CONFIG)
+        if not isinstance(config, dict) or "r" not in config:
+            return f"{folder / ADAPTER_CONFIG} is not a LoRA config"
+        with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as weights:
+            if not list(weights.keys()):
+                return f"{folder / ADAPTER_WEIGHTS} holds no tensors"
+    except StorageError as exc:
+        return str(exc)
+    except Exception as exc:  # safetensors raises its own types on bad bytes
+        return f"{folder / ADAPTER_WEIGHTS} is unreadable: {exc}"
+    return None
 
 
 def _versions(adapters) -> dict[int, object]:
@@ -54,7 +78,7 @@ def _versions(adapters) -> dict[int, object]:
     return found
 
 
-def _recover_session(memory: AbsorberMemory, sid: str) -> None:
+def _recover_session(memory: AbsorberMemory, sid: str) -> bool:
     store = memory._store
     pending = store.jobs(sid, PENDING)
     for job in pending:
@@ -79,8 +103,16 @@ def _recover_session(memory: AbsorberMemory, sid: str) -> None:
     for version, path in folders.items():
         if version != current:
             shutil.rmtree(path, ignore_errors=True)
-    if current is not None and current not in folders:
-        log.error("session %r: committed adapter v%d is missing; its messages return to the window", sid, current)
-        with store.transaction() as db:
-            db.execute("UPDATE messages SET absorbed_version = NULL WHERE session_id = ?", (sid,))
-            db.execute("UPDATE sessions SET adapter_version = NULL, rounds = 0 WHERE session_id = ?", (sid,))
+    if current is None:
+        return False
+    problem = "it is missing" if current not in folders else readable_adapter(folders[current])
+    if problem is None:
+        return False
+    log.error("session %r: committed adapter v%d is unusable (%s); its messages return to the window", sid, current, problem)
+    with store.transaction() as db:
+        db.execute("UPDATE messages SET absorbed_version = NULL WHERE session_id = ?", (sid,))
+        db.execute("UPDATE sessions SET adapter_version = NULL, rounds = 0 WHERE session_id = ?", (sid,))
+        db.execute("UPDATE jobs SET status = 'cancelled', error = ? WHERE session_id = ? AND status IN ('queued', 'running')",
+                   (f"adapter v{current} was unusable ({problem}); absorption planned again", sid))
+    shutil.rmtree(memory.session_dir(sid) / "adapters", ignore_errors=True)
+    return True

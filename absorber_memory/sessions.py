@@ -50,7 +50,7 @@ from .models import DEFAULT_MODEL, absorber_home, identity_mismatch, model_ident
 from .queue import AbsorptionQueue, JobHandle, JobInfo
 from .shared import register
 from .recovery import recover_sessions
-from .store import PENDING, Store, StoredMessage, check_id, session_key
+from .store import PENDING, Store, StoredMessage, check_id, inside, session_key
 from .stream import plan_absorption, turn_spans
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,12 @@ class AbsorberMemory(QueueHooks):
             self._specs: dict[int, JobSpec] = {}
             executor = executor or LocalExecutor(base, self.tokenizer, self.config, self.config.absorb_workers)
             self._cache = AdapterCache(base, lora_config(self.config), self.config.max_loaded_adapters)
-            recover_sessions(self)
+            replan = recover_sessions(self)
             self._queue = AbsorptionQueue(executor, self, workers=self.config.absorb_workers)
             for job in self._store.jobs(statuses=PENDING):
                 self._queue.submit(job.id, job.session_id)
+            for sid in replan if self.config.auto_absorb else ():
+                self._schedule(sid)
             register(self)
         except BaseException:
             self._store.close()
@@ -117,10 +119,11 @@ class AbsorberMemory(QueueHooks):
 
     # --- paths and committed state ------------------------------------------------------------
     def session_dir(self, session_id: str) -> Path:
-        return self.data_dir / "sessions" / session_key(session_id)
+        """The session's folder: named by a hash of its id, and checked to lie inside `data_dir`."""
+        return inside(self.data_dir, "sessions", session_key(session_id))
 
     def adapter_dir(self, session_id: str, version: int) -> Path:
-        return self.session_dir(session_id) / "adapters" / f"v{version}"
+        return inside(self.session_dir(session_id), "adapters", f"v{int(version)}")
 
     def adapter_path(self, session_id: str = DEFAULT_SESSION) -> Path | None:
         """The session's committed adapter (a PEFT folder, e.g. for vLLM), or None before any absorption."""

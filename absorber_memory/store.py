@@ -98,6 +98,15 @@ def session_key(session_id: str) -> str:
     return hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:32]
 
 
+def inside(root: Path, *parts: str) -> Path:
+    """`root / parts`, verified (lexically, so a symlinked data directory still works) to stay under `root`."""
+    base = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(base, *parts))
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise StorageError(f"refusing path {path!r}: it is not inside the data directory {base!r}")
+    return Path(path)
+
+
 @dataclass(frozen=True)
 class StoredMessage:
     """A message as stored: its id, role, content, and the adapter version holding it (None: in the window)."""
@@ -256,14 +265,18 @@ class Store:
                 raise StorageError(f"memory database is unavailable: {exc}") from exc
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            try:
                 self._db.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                self._db.execute("ROLLBACK")
-                raise StorageError(f"could not commit to the memory database: {exc}") from exc
+            except sqlite3.DatabaseError as exc:  # disk full, I/O error, locked by another program
+                self._rollback()
+                raise StorageError(f"memory database write failed (nothing was changed): {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself after some errors (a full disk, for one).
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
