@@ -137,13 +137,16 @@ def check_lengths(fmt: ChatFormat, messages: list[Message], limit: int, *, name:
     """
     for i, msg in enumerate(messages):
         chars = len(msg["content"])
-        # Far too long to tokenize usefully (and to cache): refuse by length alone.
-        size = f"{chars} characters" if chars > _MAX_CHARS_PER_TOKEN * limit else f"{fmt.count(msg)} tokens"
-        if chars > _MAX_CHARS_PER_TOKEN * limit or fmt.count(msg) > limit:
-            raise InvalidMessageError(
-                f"`{name}[{i}]` is {size}; one message must fit in the prompt ({limit} tokens: "
-                "`context_tokens`, default the model's context minus `max_new_tokens`); split it into smaller messages"
-            )
+        if chars > _MAX_CHARS_PER_TOKEN * limit:  # far too long to be worth tokenizing (and caching)
+            size = f"{chars} characters"
+        elif (tokens := fmt.count(msg)) > limit:
+            size = f"{tokens} tokens"
+        else:
+            continue
+        raise InvalidMessageError(
+            f"`{name}[{i}]` is {size}; one message must fit in the prompt ({limit} tokens: "
+            "`context_tokens`, default the model's context minus `max_new_tokens`); split it into smaller messages"
+        )
 
 
 def split_prefix(messages: list[Message], *, name: str = "messages") -> tuple[list[Message], list[Message]]:

@@ -108,7 +108,8 @@ class AbsorberConfig(BaseModel):
     max_loaded_adapters: int = Field(8, ge=1, le=10_000, description="Session adapters kept loaded for inference (LRU).")
     context_tokens: int | None = Field(
         None, gt=0,
-        description="Most window tokens put in a prompt while absorption catches up (None: model context - max_new_tokens).",
+        description="Most window tokens put in a prompt while absorption catches up, and the longest message accepted "
+        "(None: model context - max_new_tokens).",
     )
 
     def __init__(self, **data: Any) -> None:

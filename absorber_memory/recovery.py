@@ -13,8 +13,11 @@ Runs once when `AbsorberMemory` opens, before any worker starts:
 - if the committed adapter folder itself is missing (deleted by hand) or
   unreadable (a corrupt config or safetensors header), the session falls
   back to no adapter, its messages return to the window and its pending
-  jobs are cancelled; the caller plans absorption again from the oldest
-  message. Messages are never dropped because weights were.
+  jobs are cancelled. Messages are never dropped because weights were.
+
+Afterwards (`AbsorberMemory.__init__`, with `auto_absorb`) every session's
+unclaimed overflow is planned again: that covers messages whose adding
+committed just before a crash that came before their jobs were queued.
 
 Reading the safetensors header costs a few milliseconds per session; the
 tensors themselves are checked (shapes, finite values) when first loaded.
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def recover_sessions(memory: AbsorberMemory) -> list[str]:
-    """Repair every session; returns the ids whose adapter was dropped (to plan absorption again)."""
+    """Repair every session; returns the ids whose adapter was dropped."""
     store = memory._store
     sessions = store.sessions()
     keep = {session_key(s) for s in sessions}

@@ -95,11 +95,13 @@ class AbsorberMemory(QueueHooks):
             self._specs: dict[int, JobSpec] = {}
             executor = executor or LocalExecutor(base, self.tokenizer, self.config, self.config.absorb_workers)
             self._cache = AdapterCache(base, lora_config(self.config), self.config.max_loaded_adapters)
-            replan = recover_sessions(self)
+            recover_sessions(self)
             self._queue = AbsorptionQueue(executor, self, workers=self.config.absorb_workers)
             for job in self._store.jobs(statuses=PENDING):
                 self._queue.submit(job.id, job.session_id)
-            for sid in replan if self.config.auto_absorb else ():
+            # Plan what no job holds yet: overflow stored just before a crash (the add committed,
+            # its jobs never queued), or the messages of an adapter recovery had to drop.
+            for sid in self._store.sessions() if self.config.auto_absorb else ():
                 self._schedule(sid)
             register(self)
         except BaseException:
