@@ -15,7 +15,8 @@ plus every unabsorbed turn: nothing is missing and nothing is doubled.
 Choices the issue left open, written down:
 - A job that fails or is cancelled also cancels the later queued jobs of its
   session: the adapter absorbs turns in order, so later turns wait until
-  the next `add_messages` (or `schedule`) plans them again, oldest first.
+  the next `add_messages` (or `schedule`, or reopening the directory)
+  plans them again, oldest first.
 - `forget_messages` on an absorbed message drops the session's adapter at
   once (the old adapter holds what was forgotten), returns every remaining
   message to the window, and re-absorbs them in the background.
