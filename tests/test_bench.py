@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from absorber_memory.bench.data import CHITCHAT_QUERIES, chitchat_conversations, haystack_text, persona_conversation
 from absorber_memory.cli import main
 from absorber_memory.probes import DEFAULT_PROBES
@@ -43,3 +45,11 @@ def test_real_chats_and_essays_load_offline():
     assert {m["role"] for c in chats for m in c.context} == {"user", "assistant"}
     assert chats[0].name == chitchat_conversations(2, seed=0)[0].name  # reproducible choice
     assert len(haystack_text(50_000)) >= 50_000
+
+
+def test_unknown_ablation_factor_is_named(tmp_path):
+    from absorber_memory.bench.cli import run
+
+    with pytest.raises(SystemExit, match=r"unknown \['nope'\]; choose from \['absorb_turns'"):
+        run("ablations", tmp_path, quick=True, model="tiny", device="cpu", threads=1, factors=["nope"])
+    assert not any(tmp_path.iterdir())
