@@ -40,13 +40,13 @@ class CacheStats:
     load_seconds: float = 0.0
 
 
-def _lora_config(folder: Path) -> Any:
+def saved_lora_config(folder: Path) -> Any:
     """The LoraConfig a saved adapter was made with (read as JSON; any rank or targets)."""
     from peft import LoraConfig
 
     data = read_json(folder / ADAPTER_CONFIG)
-    if not isinstance(data, dict):
-        raise StorageError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
+    if not isinstance(data, dict) or "r" not in data:  # PEFT always writes the rank
+        raise StorageError(f"{folder / ADAPTER_CONFIG} is not a LoRA config (a JSON object with `r`)")
     known = set(LoraConfig.__dataclass_fields__)
     try:
         return LoraConfig(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
@@ -94,7 +94,7 @@ class AdapterCache:
 
     def _load(self, key: str, folder: Path, version: int) -> str:
         started = time.perf_counter()
-        config = _lora_config(folder)
+        config = saved_lora_config(folder)
         old = self._slots.pop(key, None)
         if old is not None and _same_shape(self.model.peft_config[old[0]], config):
             slot = old[0]

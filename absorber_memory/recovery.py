@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
+from .adapters import saved_lora_config
 from .errors import StorageError
 from .executor import JOB_MARKER
-from .persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
+from .persistence import ADAPTER_WEIGHTS, read_json
 from .store import PENDING, session_key
 
 if TYPE_CHECKING:
@@ -43,23 +44,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def recover_sessions(memory: AbsorberMemory) -> list[str]:
-    """Repair every session; returns the ids whose adapter was dropped."""
+def recover_sessions(memory: AbsorberMemory) -> None:
     store = memory._store
     sessions = store.sessions()
     keep = {session_key(s) for s in sessions}
     for folder in (memory.data_dir / "sessions").iterdir():
         if folder.name not in keep:
             shutil.rmtree(folder, ignore_errors=True)
-    return [sid for sid in sessions if _recover_session(memory, sid)]
+    for sid in sessions:
+        _recover_session(memory, sid)
 
 
 def readable_adapter(folder: Path) -> str | None:
     """Why a committed adapter folder cannot be used (None: its config and weights header parse)."""
     try:
-        config = read_json(folder / ADAPTER_CONFIG)
-        if not isinstance(config, dict) or "r" not in config:
-            return f"{folder / ADAPTER_CONFIG} is not a LoRA config"
+        saved_lora_config(folder)  # the same check the adapter cache makes when it loads the folder
         with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as weights:
             if not list(weights.keys()):
                 return f"{folder / ADAPTER_WEIGHTS} holds no tensors"
@@ -81,7 +80,7 @@ def _versions(adapters) -> dict[int, object]:
     return found
 
 
-def _recover_session(memory: AbsorberMemory, sid: str) -> bool:
+def _recover_session(memory: AbsorberMemory, sid: str) -> None:
     store = memory._store
     pending = store.jobs(sid, PENDING)
     for job in pending:
@@ -107,10 +106,10 @@ def _recover_session(memory: AbsorberMemory, sid: str) -> bool:
         if version != current:
             shutil.rmtree(path, ignore_errors=True)
     if current is None:
-        return False
+        return
     problem = "it is missing" if current not in folders else readable_adapter(folders[current])
     if problem is None:
-        return False
+        return
     log.error("session %r: committed adapter v%d is unusable (%s); its messages return to the window", sid, current, problem)
     with store.transaction() as db:
         db.execute("UPDATE messages SET absorbed_version = NULL WHERE session_id = ?", (sid,))
@@ -118,4 +117,3 @@ def _recover_session(memory: AbsorberMemory, sid: str) -> bool:
         db.execute("UPDATE jobs SET status = 'cancelled', error = ? WHERE session_id = ? AND status IN ('queued', 'running')",
                    (f"adapter v{current} was unusable ({problem}); absorption planned again", sid))
     shutil.rmtree(memory.session_dir(sid) / "adapters", ignore_errors=True)
-    return True

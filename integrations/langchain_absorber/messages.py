@@ -12,10 +12,10 @@ by answering
     <tool_call>{"name": "get_weather", "arguments": {"city": "Lisbon"}}</tool_call>
 
 An `AIMessage` with `tool_calls` is rendered back to exactly that text, and a
-`ToolMessage` becomes a `tool` turn. Content blocks other than text
-(images, audio, files) are skipped with a `SkippedContentWarning`. Output that is not well-formed (bad
-JSON, unknown tool, arguments not an object, an unclosed tag) stays plain
-text: never an exception.
+`ToolMessage` becomes a `tool` turn. Content blocks other than text (images,
+audio, files) are skipped with a `SkippedContentWarning`. Output that is not
+well-formed (bad JSON, unknown tool, arguments not an object, an unclosed
+tag) stays plain text: never an exception.
 """
 
 from __future__ import annotations

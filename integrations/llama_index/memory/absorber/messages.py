@@ -1,8 +1,9 @@
 """LlamaIndex `ChatMessage` <-> absorber-memory chat dicts.
 
 Text only: image, audio and other non-text blocks are skipped with a
-`SkippedContentWarning` naming their types; the text blocks are kept. Roles map onto the core's four
-(`developer` -> system, `chatbot`/`model` -> assistant, `function` -> tool).
+`SkippedContentWarning` naming their types; the text blocks are kept. Roles
+map onto the core's four (`developer` -> system, `chatbot`/`model` ->
+assistant, `function` -> tool).
 """
 
 from __future__ import annotations
