@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -53,3 +54,13 @@ def test_unknown_ablation_factor_is_named(tmp_path):
     with pytest.raises(SystemExit, match=r"unknown \['nope'\]; choose from \['absorb_turns'"):
         run("ablations", tmp_path, quick=True, model="tiny", device="cpu", threads=1, factors=["nope"])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_peak_memory_sees_the_decode_not_the_model_load():
+    import torch
+
+    from absorber_memory.bench.latency import peak_mib
+
+    # ru_maxrss (the first version) read 0 here: loading the model had set a higher peak
+    assert peak_mib("tiny", 0, 256, 4, torch.device("cpu")) > 0
