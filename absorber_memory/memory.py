@@ -27,7 +27,7 @@ from .absorber import Absorber, AbsorptionReport
 from .chat import ChatFormat, Message, check_lengths, split_prefix, validate_messages
 from .config import AbsorberConfig
 from .errors import ConfigError, InvalidMessageError, StorageError
-from .generation import generate_text
+from .generation import generate_batch_ids, generate_text
 from .models import DEFAULT_MODEL, identity_mismatch, load_model, model_identity, set_threads
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
 from .probes import chained_probe_segment, pick_probes, probe_segments
@@ -306,11 +306,17 @@ class ParametricMemory:
         def answer(question: list[Message]) -> str:
             return self._generate(prefix, context + question, self.config.probe_max_new_tokens, base_teacher)
 
+        def answer_all(questions: list[list[Message]]) -> list[str]:
+            ids = [self.fmt.encode(prefix, context + q, add_generation_prompt=True) for q in questions]
+            with self._model.disable_adapter() if base_teacher else contextlib.nullcontext():
+                new = generate_batch_ids(self._model, self._tokenizer, ids, self.config.probe_max_new_tokens)
+            return [self._tokenizer.decode(n, skip_special_tokens=True) for n in new]
+
         segments = list(segments or [])
         if lead:
             segments.append(chained_probe_segment(answer, prompts, lead))
         else:
-            segments += probe_segments(answer, prompts)
+            segments += probe_segments(answer_all, prompts)
         report = self._absorber.absorb(
             prefix, context, segments, base_teacher=base_teacher, probes=len(prompts),
             teacher_seconds=time.perf_counter() - start, on_step=on_step,

@@ -52,21 +52,21 @@ def pick_probes(prompts: list[str], count: int, round_index: int) -> list[str]:
 
 
 def probe_segments(
-    answer: Callable[[list[Message]], str], prompts: list[str]
+    answer_all: Callable[[list[list[Message]]], list[str]], prompts: list[str]
 ) -> list[list[Message]]:
-    """Build sync segments `[probe; teacher answer]`.
+    """Build sync segments `[probe; teacher answer]`, one per prompt.
 
     Args:
-        answer: the teacher: given the probe as a user message, returns its
-            answer while it reads `[prefix; C]` (the caller closes over that).
+        answer_all: the teacher: given each probe as a one-message list,
+            returns their answers (in order) while it reads `[prefix; C]`
+            (the caller closes over that); one call, so it can batch them.
         prompts: the probe questions.
     """
-    segments = []
-    for prompt in prompts:
-        question = {"role": "user", "content": prompt}
-        reply = answer([question]).strip() or "..."
-        segments.append([question, {"role": "assistant", "content": reply}])
-    return segments
+    questions = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    replies = answer_all(questions) if questions else []
+    if len(replies) != len(questions):
+        raise ValueError(f"the teacher returned {len(replies)} answers for {len(questions)} probes")
+    return [q + [{"role": "assistant", "content": r.strip() or "..."}] for q, r in zip(questions, replies)]
 
 
 def chained_probe_segment(

@@ -1,3 +1,5 @@
+import pytest
+
 from absorber_memory.probes import DEFAULT_PROBES, chained_probe_segment, pick_probes, probe_segments
 
 LEAD = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -17,16 +19,23 @@ def test_defaults_are_generic():
     assert all(p.strip() and (p.endswith("?") or p.endswith(".")) for p in DEFAULT_PROBES)
 
 
-def test_separate_segments_ask_each_probe_alone():
+def test_separate_segments_ask_each_probe_alone_in_one_batch():
     seen = []
 
-    def answer(messages):
-        seen.append(messages)
-        return f" answer {len(seen)} "
+    def answer_all(questions):
+        seen.append(questions)
+        return [f" answer {i + 1} " if i else "  " for i in range(len(questions))]
 
-    segments = probe_segments(answer, ["q1", "q2"])
-    assert seen == [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
-    assert segments[1] == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "answer 2"}]
+    segments = probe_segments(answer_all, ["q1", "q2"])
+    assert seen == [[[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]]
+    assert segments == [[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "..."}],
+                        [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "answer 2"}]]
+    assert probe_segments(answer_all, []) == [] and len(seen) == 1  # no probes: the teacher is not called
+
+
+def test_a_teacher_returning_too_few_answers_is_an_error():
+    with pytest.raises(ValueError, match="returned 1 answers for 2 probes"):
+        probe_segments(lambda questions: ["only one"], ["q1", "q2"])
 
 
 def test_chained_segment_asks_probes_after_the_lead():
