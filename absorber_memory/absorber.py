@@ -23,6 +23,7 @@ broken update.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -75,6 +76,38 @@ def _gather(states: tuple[torch.Tensor, ...], starts: list[int], lengths: list[i
     return [
         torch.cat([layer[row, s : s + n] for row, (s, n) in enumerate(zip(starts, lengths))]) for layer in states
     ]
+
+
+def _rows(tensor: torch.Tensor, lengths: list[int], rows: list[int]) -> torch.Tensor:
+    """From a tensor of rows' spans concatenated in order (lengths `lengths`), the spans of `rows`, concatenated."""
+    ends = [sum(lengths[: i + 1]) for i in range(len(lengths))]
+    return torch.cat([tensor[ends[r] - lengths[r] : ends[r]] for r in rows])
+
+
+def segment_schedule(count: int, per_step: int | None, seed: int) -> Callable[[], list[int]]:
+    """Which sync segments each optimizer step trains on.
+
+    With `per_step` None (or >= `count`), every step uses all segments.
+    Otherwise each step takes the next `per_step` of a seeded shuffled
+    cycle through the segments, so all of them get the same number of
+    steps, give or take one, and the step cost no longer grows with the
+    number of probes.
+    """
+    if per_step is None or per_step >= count:
+        return lambda: list(range(count))
+    rng = random.Random(seed)
+    order: list[int] = []
+
+    def next_rows() -> list[int]:
+        nonlocal order
+        if len(order) < per_step:
+            cycle = list(range(count))
+            rng.shuffle(cycle)
+            order += cycle
+        rows, order = order[:per_step], order[per_step:]
+        return rows
+
+    return next_rows
 
 
 def trainable_lora_parameters(model: Any, adapter: str) -> list[torch.nn.Parameter]:
@@ -147,18 +180,20 @@ class Absorber:
         return states, logits
 
     def _loss(self, batch: _Batch, targets: list[torch.Tensor] | None, teacher_logits: torch.Tensor | None,
-              adapter: str) -> torch.Tensor:
+              adapter: str, rows: list[int]) -> torch.Tensor:
         weights = self.config.losses
         terms: dict[str, torch.Tensor] = {}
         if targets is not None:
-            out = self._forward(batch.student, teacher_logits is not None)
-            student = _gather(out.hidden_states[1:], batch.student_starts, batch.lengths)
+            lengths = [batch.lengths[r] for r in rows]
+            out = self._forward([batch.student[r] for r in rows], teacher_logits is not None)
+            student = _gather(out.hidden_states[1:], [batch.student_starts[r] for r in rows], lengths)
+            wanted = [_rows(t, batch.lengths, rows) for t in targets]
             for kind in ("l1", "mse"):
                 if weights.get(kind, 0) > 0:
-                    terms[kind] = losses.hidden_sync_loss(student, targets, kind)
+                    terms[kind] = losses.hidden_sync_loss(student, wanted, kind)
             if teacher_logits is not None:
-                logits = _gather((out.logits,), batch.student_starts, batch.lengths)[0]
-                terms["logit_kl"] = losses.logit_kl_loss(logits, teacher_logits)
+                logits = _gather((out.logits,), [batch.student_starts[r] for r in rows], lengths)[0]
+                terms["logit_kl"] = losses.logit_kl_loss(logits, _rows(teacher_logits, batch.lengths, rows))
         if weights.get("lm", 0) > 0:
             out = self._forward([batch.lm_input])
             start = max(batch.lm_start, 1)  # with no prefix, nothing predicts the first token
@@ -210,10 +245,11 @@ class Absorber:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         curve: list[float] = []
         stopped_by = "max_steps"
+        next_rows = segment_schedule(len(segments), cfg.sync_batch_segments, cfg.seed)
         bar = tqdm(total=cfg.max_steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
             for step in range(cfg.max_steps + 1):
-                loss = self._loss(batch, targets, teacher_logits, adapter)
+                loss = self._loss(batch, targets, teacher_logits, adapter, next_rows())
                 value = float(loss.detach())
                 if not torch.isfinite(loss.detach()):
                     raise AbsorptionError(f"loss became {value} at step {step}; adapter rolled back")

@@ -79,6 +79,10 @@ class AbsorberConfig(BaseModel):
         default_factory=lambda: {"l1": 1.0},
         description="Weighted loss mix; names: l1, mse (hidden-state sync), logit_kl, lm (TTT baseline).",
     )
+    sync_batch_segments: int | None = Field(
+        None, gt=0, le=4096,
+        description="Sync segments per optimizer step (None: all every step); more make each step a shuffled subset.",
+    )
     update_penalty: Literal["none", "l1", "l2"] = Field(
         "none", description="Regulariser on the LoRA update delta-W (paper's L1 vs L2 ablation)."
     )

@@ -36,6 +36,22 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "What plans or upcoming events have I mentioned?",
     "What have I asked you to remember?",
     "What do you know about me so far?",
+    # More generic prompts (session 6): 28 probes with 48-token answers, 14
+    # per step, closed more of the held-out gap than 14 probes (BENCHMARKS.md).
+    "Write a short note to remind me of what I told you.",
+    "What would you ask me next, given what you know about me?",
+    "Give me one piece of advice based on what I have shared.",
+    "How would you describe my situation right now?",
+    "What is going on in my life at the moment?",
+    "Repeat back the most important thing I said.",
+    "What did I tell you first?",
+    "What did I tell you most recently?",
+    "Is there anything I mentioned that I should not forget?",
+    "Write a two-sentence profile of me.",
+    "What do you know about my daily life?",
+    "Recap our chat in three bullet points.",
+    "Hi again! Do you remember me?",
+    "What were we talking about?",
 )
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from absorber_memory import AbsorptionError, fidelity
-from absorber_memory.absorber import trainable_lora_parameters
+from absorber_memory.absorber import segment_schedule, trainable_lora_parameters
 
 from .conftest import chat
 
@@ -133,3 +133,34 @@ def test_hidden_state_losses_skip_the_lm_head(make_memory):
     seqs = [pm.fmt.encode_segments(CONTEXT)]
     assert pm._absorber._forward(seqs, logits=False).logits.shape[1] == 1
     assert pm._absorber._forward(seqs, logits=True).logits.shape[1] == len(seqs[0])
+
+
+def test_segment_schedule_cycles_through_all_segments_evenly():
+    from collections import Counter
+
+    assert segment_schedule(5, None, 0)() == [0, 1, 2, 3, 4]
+    assert segment_schedule(3, 7, 0)() == [0, 1, 2]  # more per step than segments: all of them
+    draw = segment_schedule(5, 2, seed=0)
+    steps = [draw() for _ in range(10)]
+    assert all(len(rows) == 2 and len(set(rows)) == 2 for rows in steps)
+    assert set(Counter(r for rows in steps for r in rows).values()) == {4}  # 20 draws, each segment 4 times
+    again = segment_schedule(5, 2, seed=0)
+    assert [again() for _ in range(10)] == steps  # seeded
+    other = segment_schedule(5, 2, seed=1)
+    assert [other() for _ in range(10)] != steps
+
+
+def test_sync_batch_segments_trains_on_a_subset_per_step(make_memory, monkeypatch):
+    sync = [chat("What city is nice?", "Lisbon is lovely."), chat("Any pets?", "A dog, Bruno."),
+            chat("Hello!", "Hi Ana."), chat("Weather?", "Sunny in Lisbon.")]
+    pm = make_memory(sync_batch_segments=2, max_steps=12)
+    sizes = []
+    forward = pm._absorber._forward
+    monkeypatch.setattr(pm._absorber, "_forward", lambda seqs, logits=True: sizes.append(len(seqs)) or forward(seqs, logits))
+    report = pm.absorb(CONTEXT, sync)
+    assert sizes == [4] + [2] * 13  # one teacher pass over all four, then two per step (and the last check)
+    assert report.sync_segments == 4 and report.final_loss < report.initial_loss
+    full = make_memory(max_steps=12).absorb(CONTEXT, sync)
+    assert full.loss_curve[0] != report.loss_curve[0]  # a subset's loss, not the whole batch's
+    with pytest.raises(ValueError, match="sync_batch_segments"):
+        make_memory(sync_batch_segments=0)
