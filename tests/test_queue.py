@@ -31,6 +31,7 @@ class Controlled:
     def run(self, spec, on_step):
         self.ran.append(spec.job_id)
         if spec.job_id in self.fail:
+            self.gate.wait(30)
             raise self.fail[spec.job_id]
 
         def step(i, loss):
@@ -120,9 +121,12 @@ def test_cancel_queued_job_through_its_handle(make_service):
 
 def test_failing_job_is_recorded_and_later_jobs_still_run(make_service):
     box = {}
-    memory = make_service(wrap=lambda inner: box.setdefault("ex", Controlled(inner, fail={1: RuntimeError("injected")})))
+    memory = make_service(wrap=lambda inner: box.setdefault(
+        "ex", Controlled(inner, fail={1: RuntimeError("injected")}, hold=True)))
     ids = overflow(memory, session="a")
     overflow(memory, session="b")
+    # Jobs wait until every turn is in: a failure seen mid-`overflow` would let the next turn replan "a".
+    box["ex"].gate.set()
     memory.flush_sync()
     failed = memory.job(1)
     assert failed.status == "failed" and "RuntimeError: injected" in failed.error
