@@ -23,6 +23,7 @@ broken update.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,9 +80,14 @@ def _gather(states: tuple[torch.Tensor, ...], starts: list[int], lengths: list[i
 
 
 def _rows(tensor: torch.Tensor, lengths: list[int], rows: list[int]) -> torch.Tensor:
-    """From a tensor of rows' spans concatenated in order (lengths `lengths`), the spans of `rows`, concatenated."""
-    ends = [sum(lengths[: i + 1]) for i in range(len(lengths))]
-    return torch.cat([tensor[ends[r] - lengths[r] : ends[r]] for r in rows])
+    """From a tensor of rows' spans concatenated in order (lengths `lengths`), the spans of `rows`, concatenated.
+
+    All rows in order (every step without `sync_batch_segments`) is the tensor itself, not a copy.
+    """
+    if rows == list(range(len(lengths))):
+        return tensor
+    starts = [0, *itertools.accumulate(lengths)]
+    return torch.cat([tensor[starts[r] : starts[r] + lengths[r]] for r in rows])
 
 
 def segment_schedule(count: int, per_step: int | None, seed: int) -> Callable[[], list[int]]:
@@ -91,7 +97,8 @@ def segment_schedule(count: int, per_step: int | None, seed: int) -> Callable[[]
     Otherwise each step takes the next `per_step` of a seeded shuffled
     cycle through the segments, so all of them get the same number of
     steps, give or take one, and the step cost no longer grows with the
-    number of probes.
+    number of probes. A step's loss (the one `loss_threshold` is compared
+    with) is then that of its subset.
     """
     if per_step is None or per_step >= count:
         return lambda: list(range(count))

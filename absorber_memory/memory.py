@@ -307,10 +307,8 @@ class ParametricMemory:
             return self._generate(prefix, context + question, self.config.probe_max_new_tokens, base_teacher)
 
         def answer_all(questions: list[list[Message]]) -> list[str]:
-            ids = [self.fmt.encode(prefix, context + q, add_generation_prompt=True) for q in questions]
-            with self._model.disable_adapter() if base_teacher else contextlib.nullcontext():
-                new = generate_batch_ids(self._model, self._tokenizer, ids, self.config.probe_max_new_tokens)
-            return [self._tokenizer.decode(n, skip_special_tokens=True) for n in new]
+            return self._generate_all(prefix, [context + q for q in questions], self.config.probe_max_new_tokens,
+                                      base_teacher)
 
         segments = list(segments or [])
         if lead:
@@ -360,12 +358,23 @@ class ParametricMemory:
         save_adapter(self._model, ADAPTER, Path(folder))
 
     # --- generation --------------------------------------------------------------------
+    def _scope(self, base: bool) -> Any:
+        """The frozen base model (`base`) or the model with the adapter on, as a context manager."""
+        return self._model.disable_adapter() if base else contextlib.nullcontext()
+
     def _generate(self, prefix: list[Message], messages: list[Message], max_new_tokens: int, base: bool,
                   **kwargs: Any) -> str:
         ids = self.fmt.encode(prefix, messages, add_generation_prompt=True)
-        ctx = self._model.disable_adapter() if base else contextlib.nullcontext()
-        with ctx:
+        with self._scope(base):
             return generate_text(self._model, self._tokenizer, ids, max_new_tokens, **kwargs)
+
+    def _generate_all(self, prefix: list[Message], conversations: list[list[Message]], max_new_tokens: int,
+                      base: bool) -> list[str]:
+        """`_generate` for several conversations at once (greedy, one left-padded batch)."""
+        ids = [self.fmt.encode(prefix, messages, add_generation_prompt=True) for messages in conversations]
+        with self._scope(base):
+            new = generate_batch_ids(self._model, self._tokenizer, ids, max_new_tokens)
+        return [self._tokenizer.decode(n, skip_special_tokens=True) for n in new]
 
     def generate(self, messages: list[dict[str, Any]] | None = None, **generation_kwargs: Any) -> str:
         """Answer `messages` (default: `context_messages()`) with the adapter active.
