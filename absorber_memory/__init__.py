@@ -23,15 +23,17 @@ from .errors import (
     StorageError,
     TemplateError,
 )
-from .executor import Executor, JobResult, JobSpec, LocalExecutor, run_job
-from .memory import ParametricMemory
+from .engine import AbsorptionEngine
+from .executor import LocalExecutor, run_job
 from .generation import TextStream
+from .jobs import Executor, JobInfo, JobResult, JobSpec, JobStatus
+from .memory import ParametricMemory
 from .metrics import FidelityReport, fidelity, session_fidelity
 from .models import DEFAULT_MODEL, load_model
-from .queue import AbsorptionQueue, JobHandle, JobInfo
-from .sessions import AbsorberMemory
-from .shared import shared_memory
-from .store import StoredMessage
+from .queue import AbsorptionQueue, JobHandle
+from .sessions import DEFAULT_SESSION, AbsorberMemory
+from .shared import memory_from_spec, memory_spec, resolve_memory, shared_memory
+from .store import StoredMessage, check_id
 
 try:
     __version__ = version("absorber-memory")
@@ -40,9 +42,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_SESSION",
     "AbsorberConfig",
     "AbsorberError",
     "AbsorberMemory",
+    "AbsorptionEngine",
     "AbsorptionError",
     "AbsorptionQueue",
     "AbsorptionReport",
@@ -56,6 +60,7 @@ __all__ = [
     "JobInfo",
     "JobResult",
     "JobSpec",
+    "JobStatus",
     "LocalExecutor",
     "ModelLoadError",
     "ParametricMemory",
@@ -65,8 +70,12 @@ __all__ = [
     "TemplateError",
     "TextStream",
     "__version__",
+    "check_id",
     "fidelity",
     "load_model",
+    "memory_from_spec",
+    "memory_spec",
+    "resolve_memory",
     "run_job",
     "session_fidelity",
     "shared_memory",

@@ -27,7 +27,8 @@ import itertools
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -117,13 +118,21 @@ def segment_schedule(count: int, per_step: int | None, seed: int) -> Callable[[]
     return next_rows
 
 
+def _lora_layers(model: Any, adapter: str) -> list[Any]:
+    """The modules that `adapter` adapts, found by PEFT's own layer type."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
 def trainable_lora_parameters(model: Any, adapter: str) -> list[torch.nn.Parameter]:
     """The LoRA weights of `adapter`; they alone get gradients, everything else is frozen."""
+    mine = {id(p) for layer in _lora_layers(model, adapter)
+            for p in (*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters())}
     params = []
-    for name, param in model.named_parameters():
-        mine = "lora_" in name and f".{adapter}." in name
-        param.requires_grad_(mine)
-        if mine:
+    for param in model.parameters():
+        param.requires_grad_(id(param) in mine)
+        if id(param) in mine:
             params.append(param)
     if not params:
         raise AbsorptionError(f"adapter {adapter!r} has no LoRA weights on this model")
@@ -132,12 +141,8 @@ def trainable_lora_parameters(model: Any, adapter: str) -> list[torch.nn.Paramet
 
 def lora_factors(model: Any, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """`(A, B, scale)` of every module `adapter` adapts (for the update penalty)."""
-    found = []
-    for module in model.modules():
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if lora_a is not None and adapter in lora_a:
-            found.append((lora_a[adapter].weight, lora_b[adapter].weight, module.scaling[adapter]))
-    return found
+    return [(m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.scaling[adapter])
+            for m in _lora_layers(model, adapter)]
 
 
 class Absorber:

@@ -153,3 +153,28 @@ class AbsorberConfig(BaseModel):
     def sync_losses(self) -> dict[str, float]:
         """The weights of the losses that need teacher states on S."""
         return {k: w for k, w in self.losses.items() if k in _SYNC_LOSSES and w > 0}
+
+
+def as_config(config: AbsorberConfig | dict[str, Any] | None) -> AbsorberConfig:
+    """An `AbsorberConfig` from None (defaults), a config, or a dict of fields."""
+    if config is None:
+        return AbsorberConfig()
+    if isinstance(config, AbsorberConfig):
+        return config
+    if isinstance(config, dict):
+        return AbsorberConfig(**config)
+    raise ConfigError(f"`config` must be an AbsorberConfig or a dict, got {type(config).__name__}")
+
+
+def lora_config(config: AbsorberConfig) -> Any:
+    """The PEFT `LoraConfig` for a memory's settings (peft is imported here, on first use)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

@@ -1,112 +1,114 @@
-"""The absorption queue's callbacks into `AbsorberMemory`: job in, adapter version committed.
+"""Absorption jobs as plain data: their status, their spec, their result, and what runs them.
 
-`AbsorptionQueue` calls these from its worker threads: `prepare` turns a
-stored job into a serializable `JobSpec` (reserving the adapter folder),
-`commit` marks the job's messages absorbed into the new version in one
-transaction once the executor has written it, `finish` records failure or
-cancellation, `info` reports a job's state. Kept apart from `sessions.py` so
-the durable-commit protocol reads in one place; see `store.py` for why a
-crash at any point loses nothing.
+A `JobSpec` holds everything one absorption needs as JSON-ready values:
+message texts, the config, the base model's name, and *paths* of the adapter
+to continue from and the folder to write, never tensors. An `Executor` runs a
+spec and hands back a `JobResult`; `JobInfo` is what users see of a job.
+
+This module imports no torch and no model code, so the queue, the store and
+the integrations can name these types without loading a model.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
-import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
 
-from .errors import JobCancelled
-from .executor import JobResult, JobSpec
-from .queue import JobInfo
-from .store import PENDING, JobRow
-
-log = logging.getLogger("absorber_memory.sessions")
+from pydantic import BaseModel, ConfigDict
 
 
-class QueueHooks:
-    """Mixin for `AbsorberMemory`: the hooks `AbsorptionQueue` calls (uses its store, lock and paths)."""
+class JobStatus(str, Enum):
+    """Where a job is in its life: queued -> running -> done | failed | cancelled."""
 
-    _lock: Any
-    _store: Any
-    _queue: Any
-    _specs: dict[int, JobSpec]
-    config: Any
-    model_name: str | None
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
-    def prepare(self, job_id: int) -> JobSpec:
-        with self._lock:
-            job = self._store.job(job_id)
-            if job is None or job.status not in PENDING:
-                raise JobCancelled(f"job {job_id} was deleted before it started")
-            msgs = self._store.messages_by_id(job.context_ids + job.sync_ids)
-            if len(msgs) < len(set(job.context_ids + job.sync_ids)) or any(msgs[i].absorbed for i in job.context_ids):
-                raise JobCancelled(f"job {job_id}: its messages were forgotten or absorbed meanwhile")
-            session = self._store.session(job.session_id)
-            version = self._store.reserve_version(job.session_id)
-            self._store.set_job_status(job_id, "running")
-            spec = JobSpec(
-                job_id=job_id, session_id=job.session_id, model=self.model_name,
-                config=self.config.model_dump(mode="json"), prefix=self.prefix(job.session_id),
-                context=[msgs[i].as_chat() for i in job.context_ids], following=[msgs[i].as_chat() for i in job.sync_ids],
-                base_adapter=None if session.adapter_version is None else str(self.adapter_dir(job.session_id, session.adapter_version)),
-                base_version=session.adapter_version, output=str(self.adapter_dir(job.session_id, version)),
-                version=version, round_index=session.rounds,
-            )
-            self._specs[job_id] = spec
-        return spec
+    def __str__(self) -> str:
+        return self.value
 
-    def commit(self, job_id: int, result: JobResult) -> None:
-        with self._lock:
-            spec = self._specs.pop(job_id)
-            job, session = self._store.job(job_id), self._store.session(spec.session_id)
-            if job is None or job.status != "running" or session is None or session.adapter_version != spec.base_version:
-                shutil.rmtree(result.output, ignore_errors=True)
-                raise JobCancelled(f"job {job_id}: its session changed while it ran; result discarded")
-            self.commit_version(job, result.version, result.report, spec.base_version)
+    @property
+    def pending(self) -> bool:
+        """Queued or running: the job's messages are claimed but not yet absorbed."""
+        return self in PENDING
 
-    def commit_version(self, job: JobRow, version: int, report: dict[str, Any], previous: int | None) -> None:
-        """Mark a job's messages absorbed into adapter `version` (already durable), in one transaction."""
-        with self._store.transaction() as db:
-            db.executemany("UPDATE messages SET absorbed_version = ? WHERE id = ? AND absorbed_version IS NULL",
-                           [(version, i) for i in job.context_ids])
-            db.execute("UPDATE sessions SET adapter_version = ?, rounds = rounds + 1 WHERE session_id = ?",
-                       (version, job.session_id))
-            db.execute("UPDATE jobs SET status = 'done', finished = ?, metrics = ?, adapter_version = ?, error = NULL "
-                       "WHERE id = ?", (time.time(), json.dumps(report), version, job.id))
-        if previous is not None:
-            shutil.rmtree(self.adapter_dir(job.session_id, previous), ignore_errors=True)
-        log.info("session %r: job %d absorbed %d messages (%s tokens, %s steps, %.1f s) into v%d", job.session_id,
-                 job.id, len(job.context_ids), report.get("context_tokens"), report.get("steps"),
-                 report.get("seconds", 0.0), version)
 
-    def finish(self, job_id: int, status: str, error: str) -> None:
-        with self._lock:
-            spec = self._specs.pop(job_id, None)
-            if spec is not None:
-                shutil.rmtree(spec.output, ignore_errors=True)
-            job = self._store.job(job_id)
-            if job is None:
-                return
-            if status == "interrupted":
-                self._store.set_job_status(job_id, "queued")
-                return
-            self._store.set_job_status(job_id, status, error=error)
-        if status == "failed":
-            log.warning("session %r: job %d failed (%s); its messages stay in the window", job.session_id, job_id, error)
-        self._queue.drop_queued(job.session_id, f"an earlier job of this session ({job_id}) was {status}")
+#: The statuses of a job that has not ended.
+PENDING: tuple[JobStatus, ...] = (JobStatus.QUEUED, JobStatus.RUNNING)
 
-    def info(self, job_id: int) -> JobInfo:
-        row = self._store.job(job_id)
-        if row is None:
-            return JobInfo(id=job_id, session_id="", status="cancelled", message_ids=[], sync_ids=[], created=0.0,
-                           error="job deleted (its session or messages were forgotten)")
-        return self._info(row)
+StepCallback = Callable[[int, float], None]
 
-    def _info(self, row: JobRow) -> JobInfo:
-        step, loss = (self._queue.progress(row.id) or (None, None)) if row.status == "running" else (None, None)
-        return JobInfo(id=row.id, session_id=row.session_id, status=row.status, message_ids=row.context_ids,
-                       sync_ids=row.sync_ids, created=row.created, started=row.started, finished=row.finished,
-                       error=row.error, step=step, loss=loss, adapter_version=row.adapter_version,
-                       metrics=row.metrics or {})
+
+class JobSpec(BaseModel):
+    """One absorption, serializable: ids, texts, paths and settings only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: int
+    session_id: str
+    model: str | None  # base model name or path, for workers that load their own copy
+    config: dict[str, Any]
+    prefix: list[dict[str, str]]
+    context: list[dict[str, str]]  # C: the messages absorbed
+    following: list[dict[str, str]]  # the turns after C, read first in the sync text S
+    base_adapter: str | None  # folder to continue from; None: a fresh adapter taught by the frozen model
+    base_version: int | None
+    output: str  # folder to write the new adapter to
+    version: int
+    round_index: int
+
+
+class JobResult(BaseModel):
+    """What a finished job hands back: where its adapter is, and its report."""
+
+    job_id: int
+    output: str
+    version: int
+    report: dict[str, Any]
+
+
+class Executor(Protocol):
+    """Runs one job to completion; `on_step(step, loss)` may raise to cancel."""
+
+    def run(self, spec: JobSpec, on_step: StepCallback) -> JobResult: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job's state as users see it.
+
+    `message_ids` are the messages it absorbs (C); `following_ids` the turns
+    after them that its sync text starts with.
+    """
+
+    id: int
+    session_id: str
+    status: JobStatus
+    message_ids: list[int]
+    following_ids: list[int]
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    step: int | None = None  # while running: the last step reported
+    loss: float | None = None
+    adapter_version: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # when done: the absorption report
+
+    @property
+    def pending(self) -> bool:
+        return self.status in PENDING
+
+    @property
+    def sync_ids(self) -> list[int]:
+        """Deprecated name of `following_ids`."""
+        import warnings
+
+        warnings.warn("`JobInfo.sync_ids` is deprecated; use `following_ids`", DeprecationWarning, stacklevel=2)
+        return self.following_ids

@@ -1,7 +1,8 @@
 """`ParametricMemory`: one conversation's memory in one LoRA adapter.
 
-The facade users touch: it loads (or wraps) a base model, adds one LoRA
-adapter, keeps the transcript, and runs Algorithm 2 over it: messages go
+The facade users touch: it keeps the transcript and runs Algorithm 2 over
+it, on an `AbsorptionEngine` (`engine.py`: the model, its one LoRA adapter
+and one absorption round): messages go
 into a window; when the window overflows, the oldest turns are absorbed
 (Algorithm 1, `absorber.py`) with the following turns plus self-generated
 probes as sync text, and leave the prompt. One adapter keeps growing; there
@@ -16,98 +17,36 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Iterator
+import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .absorber import Absorber, AbsorptionReport
+from .absorber import AbsorptionReport
 from .chat import ChatFormat, Message, check_lengths, split_prefix, validate_messages
 from .config import AbsorberConfig
-from .errors import ConfigError, InvalidMessageError, StorageError
-from .generation import generate_batch_ids, generate_text
-from .models import DEFAULT_MODEL, identity_mismatch, load_model, model_identity, set_threads
+from .engine import ADAPTER, AbsorptionEngine
+from .deprecation import moved_names
+from .errors import InvalidMessageError, StorageError
+from .jobs import StepCallback
+from .models import DEFAULT_MODEL, identity_mismatch
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
-from .probes import chained_probe_segment, pick_probes, probe_segments
 from .stream import plan_absorption
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "default"
 FORMAT_VERSION = 1
 STATE_FILE = "memory.json"
 ADAPTER_DIR = "adapter"
 
 
-def lora_config(config: AbsorberConfig) -> Any:
-    """The PEFT `LoraConfig` for a memory's settings."""
-    from peft import LoraConfig
+class MessageList(list[Message]):
+    """A list of messages that can also be called, so `pm.window()` reads like `AbsorberMemory.window(sid)`.
 
-    return LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def base_model(model: str | Any, tokenizer: Any | None, config: AbsorberConfig) -> tuple[Any, Any]:
-    """`(base model, tokenizer)` from a name/path (loaded per `config`) or a loaded model and its tokenizer."""
-    from peft import PeftModel
-
-    if isinstance(model, (str, Path)):
-        base, loaded_tokenizer = load_model(
-            str(model), device=config.device, dtype=config.dtype, num_threads=config.num_threads
-        )
-        tokenizer = tokenizer or loaded_tokenizer
-    else:
-        if tokenizer is None:
-            raise ConfigError("`tokenizer` is required when `model` is a loaded model")
-        if isinstance(model, PeftModel):
-            raise ConfigError("`model` is already a PeftModel; pass the base model instead")
-        if any(hasattr(m, "lora_A") for m in model.modules()):
-            raise ConfigError(
-                "`model` already has LoRA layers (is another memory using it?); pass a fresh model or a model name"
-            )
-        set_threads(config.num_threads)
-        base = model
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return base, tokenizer
-
-
-def prompt_limit(config: AbsorberConfig, base: Any) -> int:
-    """Most conversation tokens one prompt may hold; refuses budgets the model's context cannot hold.
-
-    The limit is `context_tokens`, else the model's context minus
-    `max_new_tokens`. A single message longer than this is refused when it
-    is added (see `chat.check_lengths`).
+    Reading the attribute as a list (`pm.window`) is the older spelling and still works.
     """
-    context = getattr(base.config, "max_position_embeddings", None) or 1 << 30
-    if config.max_new_tokens >= context:
-        raise ConfigError(f"`max_new_tokens` must be < the model's context ({context} tokens), "
-                          f"got {config.max_new_tokens}")
-    for field in ("window_tokens", "context_tokens"):
-        value = getattr(config, field)
-        if value is not None and value + config.max_new_tokens > context:
-            raise ConfigError(f"`{field}` + `max_new_tokens` must be <= the model's context ({context} tokens), "
-                              f"got {value} + {config.max_new_tokens}")
-    return config.context_tokens or context - config.max_new_tokens
 
-
-def as_config(config: AbsorberConfig | dict[str, Any] | None) -> AbsorberConfig:
-    """An `AbsorberConfig` from None (defaults), a config, or a dict of fields."""
-    if config is None:
-        return AbsorberConfig()
-    if isinstance(config, AbsorberConfig):
-        return config
-    if isinstance(config, dict):
-        return AbsorberConfig(**config)
-    raise ConfigError(f"`config` must be an AbsorberConfig or a dict, got {type(config).__name__}")
+    def __call__(self) -> list[Message]:
+        return list(self)
 
 
 class ParametricMemory:
@@ -123,24 +62,13 @@ class ParametricMemory:
 
     def __init__(
         self,
-        model: str | Any = DEFAULT_MODEL,
+        model: str | Path | Any = DEFAULT_MODEL,
         *,
         tokenizer: Any | None = None,
         config: AbsorberConfig | dict[str, Any] | None = None,
     ) -> None:
-        from peft import get_peft_model
-
-        self.config = as_config(config)
-        base, tokenizer = base_model(model, tokenizer, self.config)
-        self._limit = prompt_limit(self.config, base)
-        self.base_identity = model_identity(base)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            self._model = get_peft_model(base, lora_config(self.config), adapter_name=ADAPTER)
-        self._model.eval()
-        self._tokenizer = tokenizer
-        self.fmt = ChatFormat(tokenizer)
-        self._absorber = Absorber(self._model, self.fmt, self.config)
+        #: The model, its adapter and one absorption round (see `engine.py`).
+        self.engine = AbsorptionEngine(model, tokenizer=tokenizer, config=config)
         self._prefix: list[Message] = []
         self._transcript: list[Message] = []
         self._absorbed = 0
@@ -148,33 +76,45 @@ class ParametricMemory:
 
     # --- views -------------------------------------------------------------------
     @property
+    def config(self) -> AbsorberConfig:
+        return self.engine.config
+
+    @property
     def model(self) -> Any:
         """The PEFT model (base + this memory's adapter)."""
-        return self._model
+        return self.engine.model
 
     @property
     def tokenizer(self) -> Any:
-        return self._tokenizer
+        return self.engine.tokenizer
 
     @property
-    def prefix(self) -> list[Message]:
+    def fmt(self) -> ChatFormat:
+        return self.engine.fmt
+
+    @property
+    def base_identity(self) -> dict[str, Any]:
+        return self.engine.base_identity
+
+    @property
+    def prefix(self) -> MessageList:
         """The system message(s): always in the prompt, never absorbed."""
-        return [dict(m) for m in self._prefix]
+        return MessageList(dict(m) for m in self._prefix)
 
     @property
-    def transcript(self) -> list[Message]:
+    def transcript(self) -> MessageList:
         """Every non-system message added so far, absorbed or not, oldest first."""
-        return [dict(m) for m in self._transcript]
+        return MessageList(dict(m) for m in self._transcript)
 
     @property
-    def window(self) -> list[Message]:
+    def window(self) -> MessageList:
         """The messages not yet absorbed (they stay in the prompt)."""
-        return [dict(m) for m in self._transcript[self._absorbed :]]
+        return MessageList(dict(m) for m in self._transcript[self._absorbed :])
 
     @property
-    def absorbed_messages(self) -> list[Message]:
+    def absorbed_messages(self) -> MessageList:
         """The messages now held by the adapter instead of the prompt."""
-        return [dict(m) for m in self._transcript[: self._absorbed]]
+        return MessageList(dict(m) for m in self._transcript[: self._absorbed])
 
     @property
     def absorption_log(self) -> list[dict[str, Any]]:
@@ -189,11 +129,9 @@ class ParametricMemory:
         """What to send to the model now: the prefix and the window."""
         return self.prefix + self.window
 
-    @contextlib.contextmanager
-    def adapter_disabled(self) -> Iterator[None]:
+    def adapter_disabled(self) -> contextlib.AbstractContextManager[None]:
         """Within this block the model is the frozen base model."""
-        with self._model.disable_adapter():
-            yield
+        return self.engine.adapter_disabled()
 
     # --- Algorithm 2: adding messages ---------------------------------------------
     def add_message(self, role: str, content: str) -> list[AbsorptionReport]:
@@ -207,7 +145,7 @@ class ParametricMemory:
         become the prefix). Returns the reports of absorptions this triggered.
         """
         clean = validate_messages(messages)
-        check_lengths(self.fmt, clean, self._limit)
+        check_lengths(self.fmt, clean, self.engine.limit)
         prefix, rest = split_prefix(clean)
         if prefix and self._transcript:
             raise InvalidMessageError("system messages must come before the conversation starts")
@@ -232,7 +170,7 @@ class ParametricMemory:
                 break
             context = window[: plan.absorb]
             following = window[plan.absorb : plan.absorb + plan.sync]
-            report = self._absorb(self._prefix, context, [], cfg.probe_count, lead=following)
+            report = self._round(self._prefix, context, [], cfg.probe_count, following=following)
             self._log.append({"first": self._absorbed, "count": plan.absorb, "report": report.to_dict()})
             self._absorbed += plan.absorb
             reports.append(report)
@@ -251,7 +189,7 @@ class ParametricMemory:
                 `probe_count` probes answered by the teacher.
         """
         prefix, context_rest = split_prefix(validate_messages(context, name="context"), name="context")
-        check_lengths(self.fmt, context_rest, self._limit, name="context")
+        check_lengths(self.fmt, context_rest, self.engine.limit, name="context")
         if not context_rest:
             raise InvalidMessageError("`context` holds only system messages; nothing to absorb")
         segments = []
@@ -263,119 +201,50 @@ class ParametricMemory:
         if sync is not None and not segments:
             raise InvalidMessageError("`sync` is an empty list; pass segments or None for probes")
         n_probes = self.config.probe_count if sync is None else 0
-        report = self._absorb(prefix or self._prefix, context_rest, segments, n_probes)
+        report = self._round(prefix or self._prefix, context_rest, segments, n_probes)
         self._log.append({"first": None, "count": len(context_rest), "report": report.to_dict()})
         return report
 
-    def _absorb(
-        self, prefix: list[Message], context: list[Message], segments: list[list[Message]], n_probes: int,
-        lead: list[Message] | None = None,
-    ) -> AbsorptionReport:
-        """Algorithm 1 on this memory's own history (the first absorption is taught by the frozen model)."""
-        return self.absorb_turns(
-            prefix, context, segments, n_probes=n_probes, lead=lead, base_teacher=not self._log, round_index=len(self._log)
-        )
+    def _round(self, prefix: list[Message], context: list[Message], segments: list[list[Message]], n_probes: int,
+               following: list[Message] | None = None) -> AbsorptionReport:
+        """One round on this memory's own history (the first absorption is taught by the frozen model)."""
+        return self.engine.run_round(prefix, context, segments, n_probes=n_probes, following=following,
+                                     base_teacher=not self._log, round_index=len(self._log))
 
-    def absorb_turns(
-        self,
-        prefix: list[Message],
-        context: list[Message],
-        segments: list[list[Message]] | None = None,
-        *,
-        n_probes: int,
-        lead: list[Message] | None = None,
-        base_teacher: bool,
-        round_index: int = 0,
-        on_step: Callable[[int, float], None] | None = None,
-    ) -> AbsorptionReport:
-        """Algorithm 1 with probes, on already validated messages; the engine under `absorb` and job runners.
-
-        Args:
-            prefix: system message(s), read by teacher and student, never absorbed.
-            context: C.
-            segments: given sync segments S (may be empty).
-            n_probes: probes to generate and answer with the teacher.
-            lead: following turns; when given, the probes are asked after them in one segment.
-            base_teacher: the teacher is the frozen model (no absorption yet) rather than the current adapter.
-            round_index: which absorption this is (rotates the probe prompts).
-            on_step: `on_step(step, loss)` after each loss; may raise to cancel (the adapter rolls back).
-        """
-        start = time.perf_counter()
-        prompts = pick_probes(self.config.probe_prompts, n_probes, round_index)
-
-        def answer(question: list[Message]) -> str:
-            return self._generate(prefix, context + question, self.config.probe_max_new_tokens, base_teacher)
-
-        def answer_all(questions: list[list[Message]]) -> list[str]:
-            return self._generate_all(prefix, [context + q for q in questions], self.config.probe_max_new_tokens,
-                                      base_teacher)
-
-        segments = list(segments or [])
-        if lead:
-            segments.append(chained_probe_segment(answer, prompts, lead))
-        else:
-            segments += probe_segments(answer_all, prompts)
-        report = self._absorber.absorb(
-            prefix, context, segments, base_teacher=base_teacher, probes=len(prompts),
-            teacher_seconds=time.perf_counter() - start, on_step=on_step,
-        )
-        log.info("absorbed %d tokens in %d steps (%.1f s), loss %.4f -> %.4f", report.context_tokens,
-                 report.steps, report.seconds, report.initial_loss, report.final_loss)
-        return report
+    def absorb_turns(self, prefix: list[Message], context: list[Message], segments: list[list[Message]] | None = None,
+                     *, n_probes: int, lead: list[Message] | None = None, base_teacher: bool, round_index: int = 0,
+                     on_step: StepCallback | None = None) -> AbsorptionReport:
+        """Deprecated: use `engine.run_round` (with `following=` for `lead=`)."""
+        warnings.warn("`ParametricMemory.absorb_turns` is deprecated; use `ParametricMemory.engine.run_round`",
+                      DeprecationWarning, stacklevel=2)
+        return self.engine.run_round(prefix, context, segments, n_probes=n_probes, following=lead,
+                                     base_teacher=base_teacher, round_index=round_index, on_step=on_step)
 
     # --- the adapter's weights ----------------------------------------------------------
     def reset_adapter(self) -> None:
         """Re-initialise the adapter as new (B = 0, so the model equals the base), seeded by `seed`."""
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.config.seed)
-            for module in self._model.modules():
-                if hasattr(module, "reset_lora_parameters") and ADAPTER in getattr(module, "lora_A", {}):
-                    module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+        self.engine.reset_adapter()
 
     def reconfigure(self, **overrides: Any) -> None:
-        """Apply new training settings (lr, steps, losses, probes, ...) and start a fresh adapter.
+        """Deprecated: experiments drive an `AbsorptionEngine` (`engine.reconfigure`) instead.
 
-        For experiments that compare settings on one loaded model. The LoRA
-        shape (`lora_*` fields) is fixed when the adapter is built: load a new
-        `ParametricMemory` to change it. The transcript is kept.
+        Applies new training settings, starts a fresh adapter and clears the
+        absorption log; the transcript is kept.
         """
-        config = AbsorberConfig(**{**self.config.model_dump(), **overrides})
-        limit = prompt_limit(config, self._model.get_base_model())
-        changed = sorted(k for k in overrides if k.startswith("lora_") and getattr(config, k) != getattr(self.config, k))
-        if changed:
-            raise ConfigError(f"{changed} shape the adapter and cannot change after it is built; load a new memory")
-        self.config, self._limit = config, limit
-        self._absorber = Absorber(self._model, self.fmt, config)
+        warnings.warn("`ParametricMemory.reconfigure` is deprecated; use `ParametricMemory.engine.reconfigure`",
+                      DeprecationWarning, stacklevel=2)
+        self.engine.reconfigure(**overrides)
         self._log.clear()
-        self.reset_adapter()
 
     def load_adapter(self, folder: str | Path) -> None:
         """Replace the adapter's weights with a PEFT folder's (shapes and values checked)."""
-        load_adapter_weights(self._model, ADAPTER, Path(folder))
+        self.engine.load_adapter(folder)
 
     def save_adapter(self, folder: str | Path) -> None:
         """Write the adapter as a PEFT folder (not atomic; see `persistence.atomic_write_dir`)."""
-        save_adapter(self._model, ADAPTER, Path(folder))
+        self.engine.save_adapter(folder)
 
     # --- generation --------------------------------------------------------------------
-    def _scope(self, base: bool) -> Any:
-        """The frozen base model (`base`) or the model with the adapter on, as a context manager."""
-        return self._model.disable_adapter() if base else contextlib.nullcontext()
-
-    def _generate(self, prefix: list[Message], messages: list[Message], max_new_tokens: int, base: bool,
-                  **kwargs: Any) -> str:
-        ids = self.fmt.encode(prefix, messages, add_generation_prompt=True)
-        with self._scope(base):
-            return generate_text(self._model, self._tokenizer, ids, max_new_tokens, **kwargs)
-
-    def _generate_all(self, prefix: list[Message], conversations: list[list[Message]], max_new_tokens: int,
-                      base: bool) -> list[str]:
-        """`_generate` for several conversations at once (greedy, one left-padded batch)."""
-        ids = [self.fmt.encode(prefix, messages, add_generation_prompt=True) for messages in conversations]
-        with self._scope(base):
-            new = generate_batch_ids(self._model, self._tokenizer, ids, max_new_tokens)
-        return [self._tokenizer.decode(n, skip_special_tokens=True) for n in new]
-
     def generate(self, messages: list[dict[str, Any]] | None = None, **generation_kwargs: Any) -> str:
         """Answer `messages` (default: `context_messages()`) with the adapter active.
 
@@ -386,7 +255,7 @@ class ParametricMemory:
         msgs = self.context_messages() if messages is None else validate_messages(messages)
         prefix, rest = split_prefix(msgs)
         max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
-        return self._generate(prefix or self._prefix, rest, max_new, False, **generation_kwargs)
+        return self.engine.generate(prefix or self._prefix, rest, max_new, **generation_kwargs)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -403,7 +272,7 @@ class ParametricMemory:
         }
 
         def write(tmp: Path) -> None:
-            save_adapter(self._model, ADAPTER, tmp / ADAPTER_DIR)
+            save_adapter(self.model, ADAPTER, tmp / ADAPTER_DIR)
             write_json(tmp / STATE_FILE, state)
 
         atomic_write_dir(path, write)
@@ -441,7 +310,15 @@ class ParametricMemory:
         mismatch = identity_mismatch(recorded, memory.base_identity)
         if mismatch:
             raise StorageError(f"{path} was saved for another base model: (saved, given) = {mismatch}")
-        load_adapter_weights(memory._model, ADAPTER, path / ADAPTER_DIR)
+        load_adapter_weights(memory.model, ADAPTER, path / ADAPTER_DIR)
         memory._prefix, memory._transcript, memory._absorbed = prefix, transcript, absorbed
         memory._log = list(state.get("log", []))
         return memory
+
+
+__getattr__ = moved_names(__name__, {
+    "lora_config": "absorber_memory.config:lora_config",
+    "as_config": "absorber_memory.config:as_config",
+    "base_model": "absorber_memory.models:base_model",
+    "prompt_limit": "absorber_memory.models:prompt_limit",
+})

@@ -146,5 +146,5 @@ def session_fidelity(memory: Any, session_id: str, queries: list[str | list[dict
     The window is the session's unabsorbed messages; call `flush` first so
     that none is pending. Keyword arguments are those of `fidelity`.
     """
-    with memory._using(session_id) as model:
+    with memory.adapted_model(session_id) as model:
         return fidelity(_SessionView(memory, session_id, model), queries, **kwargs)

@@ -24,11 +24,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from .config import AbsorberConfig
 
 log = logging.getLogger(__name__)
 
@@ -220,3 +223,48 @@ def replica(model: Any) -> Any:
         raise ModelLoadError(f"could not share the weights of {type(model).__name__}: {meta[:3]} left unset")
     twin.generation_config = model.generation_config
     return twin.eval()
+
+
+def base_model(model: str | Path | Any, tokenizer: Any | None, config: AbsorberConfig) -> tuple[Any, Any]:
+    """`(base model, tokenizer)` from a name/path (loaded per `config`) or a loaded model and its tokenizer."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(model, (str, Path)):
+        base, loaded_tokenizer = load_model(
+            str(model), device=config.device, dtype=config.dtype, num_threads=config.num_threads
+        )
+        tokenizer = tokenizer or loaded_tokenizer
+    else:
+        if tokenizer is None:
+            raise ConfigError("`tokenizer` is required when `model` is a loaded model")
+        if isinstance(model, PeftModel):
+            raise ConfigError("`model` is already a PeftModel; pass the base model instead")
+        if any(isinstance(m, LoraLayer) for m in model.modules()):
+            raise ConfigError(
+                "`model` already has LoRA layers (is another memory using it?); pass a fresh model or a model name"
+            )
+        set_threads(config.num_threads)
+        base = model
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return base, tokenizer
+
+
+def prompt_limit(config: AbsorberConfig, base: Any) -> int:
+    """Most conversation tokens one prompt may hold; refuses budgets the model's context cannot hold.
+
+    The limit is `context_tokens`, else the model's context minus
+    `max_new_tokens`. A single message longer than this is refused when it
+    is added (see `chat.check_lengths`).
+    """
+    context = getattr(base.config, "max_position_embeddings", None) or 1 << 30
+    if config.max_new_tokens >= context:
+        raise ConfigError(f"`max_new_tokens` must be < the model's context ({context} tokens), "
+                          f"got {config.max_new_tokens}")
+    for field in ("window_tokens", "context_tokens"):
+        value = getattr(config, field)
+        if value is not None and value + config.max_new_tokens > context:
+            raise ConfigError(f"`{field}` + `max_new_tokens` must be <= the model's context ({context} tokens), "
+                              f"got {value} + {config.max_new_tokens}")
+    return int(config.context_tokens or context - config.max_new_tokens)

@@ -6,7 +6,7 @@ order they were queued and never two at once, because each one continues the
 adapter the previous one wrote; sessions with work take turns, so one long
 backlog cannot starve the others.
 
-The queue knows nothing of SQLite or sessions: the owner passes `hooks`
+The queue knows nothing of SQLite, sessions or models: the owner passes `hooks`
 (`prepare` a job into a `JobSpec`, `commit` a result, `finish` a job as failed
 or cancelled, describe it with `info`) and an `Executor` that runs the spec.
 Every job gets a `concurrent.futures.Future` resolved with its final
@@ -23,39 +23,19 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Generator
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import JobCancelled
-from .executor import Executor, JobResult, JobSpec
+from .jobs import Executor, JobInfo, JobResult, JobSpec
+
+__all__ = ["AbsorptionQueue", "JobHandle", "JobInfo", "QueueHooks"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    """A job's state: status is queued, running, done, failed or cancelled."""
-
-    id: int
-    session_id: str
-    status: str
-    message_ids: list[int]
-    sync_ids: list[int]
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    error: str | None = None
-    step: int | None = None  # while running: the last step reported
-    loss: float | None = None
-    adapter_version: int | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)  # when done: the absorption report
-
-    @property
-    def pending(self) -> bool:
-        return self.status in ("queued", "running")
-
-
 class QueueHooks(Protocol):
+    """What the queue calls on its owner (`coordinator.JobCoordinator` in this library)."""
+
     def prepare(self, job_id: int) -> JobSpec: ...
 
     def commit(self, job_id: int, result: JobResult) -> None: ...

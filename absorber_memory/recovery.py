@@ -1,6 +1,7 @@
 """Reopening a data directory after a crash: finish what was durable, discard what was not.
 
-Runs once when `AbsorberMemory` opens, before any worker starts:
+Runs once when `AbsorberMemory` opens, before any worker starts, on the
+store and the session layout alone (no model):
 - folders of sessions that no longer exist (a `forget` that crashed after its
   commit) are deleted;
 - half-written adapter folders (`.vN.saving`) are deleted;
@@ -25,34 +26,42 @@ tensors themselves are checked (shapes, finite values) when first loaded.
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from safetensors import safe_open
 
 from .adapters import saved_lora_config
+from .coordinator import commit_version
 from .errors import StorageError
-from .executor import JOB_MARKER
+from .jobs import PENDING, JobStatus
+from .layout import JOB_MARKER, SessionLayout
+from .models import identity_mismatch
 from .persistence import ADAPTER_WEIGHTS, read_json
-from .store import PENDING, session_key
-
-if TYPE_CHECKING:
-    from .sessions import AbsorberMemory
+from .store import Store
 
 log = logging.getLogger(__name__)
 
 
-def recover_sessions(memory: AbsorberMemory) -> None:
-    store = memory._store
+def check_base_model(store: Store, identity: dict[str, Any]) -> None:
+    """Record the base model a new data directory serves; refuse a directory made for another one."""
+    saved = store.get_meta("base_model")
+    if saved is None:
+        store.set_meta("base_model", json.dumps(identity))
+    elif mismatch := identity_mismatch(json.loads(saved), identity):
+        raise StorageError(
+            f"data directory {store.root} holds adapters for another base model: (saved, given) = {mismatch}"
+        )
+
+
+def recover_sessions(store: Store, layout: SessionLayout) -> None:
+    """Bring every session of a reopened data directory to a committed, usable state (see module doc)."""
     sessions = store.sessions()
-    keep = {session_key(s) for s in sessions}
-    for folder in (memory.data_dir / "sessions").iterdir():
-        if folder.name not in keep:
-            shutil.rmtree(folder, ignore_errors=True)
+    layout.remove_strays(sessions)
     for sid in sessions:
-        _recover_session(memory, sid)
+        _recover_session(store, layout, sid)
 
 
 def readable_adapter(folder: Path) -> str | None:
@@ -69,25 +78,14 @@ def readable_adapter(folder: Path) -> str | None:
     return None
 
 
-def _versions(adapters) -> dict[int, object]:
-    found = {}
-    if adapters.is_dir():
-        for path in adapters.iterdir():
-            if path.name.startswith("."):
-                shutil.rmtree(path, ignore_errors=True)  # `.vN.saving` / `.vN.previous`
-            elif path.name[1:].isdigit():
-                found[int(path.name[1:])] = path
-    return found
-
-
-def _recover_session(memory: AbsorberMemory, sid: str) -> None:
-    store = memory._store
+def _recover_session(store: Store, layout: SessionLayout, sid: str) -> None:
     pending = store.jobs(sid, PENDING)
     for job in pending:
-        if job.status == "running":
-            store.set_job_status(job.id, "queued")
-    current = store.session(sid).adapter_version
-    folders = _versions(memory.session_dir(sid) / "adapters")
+        if job.status == JobStatus.RUNNING:
+            store.requeue_job(job.id)
+    session = store.session(sid)
+    current = None if session is None else session.adapter_version
+    folders = layout.versions(sid)
     if pending:
         first = pending[0]
         for version, path in sorted(folders.items()):
@@ -99,21 +97,17 @@ def _recover_session(memory: AbsorberMemory, sid: str) -> None:
                 continue
             if isinstance(marker, dict) and marker.get("job_id") == first.id and marker.get("base_version") == current:
                 log.info("session %r: adopting adapter v%d that job %d finished before the crash", sid, version, first.id)
-                memory.commit_version(first, version, marker.get("report") or {}, current)
+                commit_version(store, layout, first, version, marker.get("report") or {}, current)
                 current = version
                 break
-    for version, path in folders.items():
+    for version in folders:
         if version != current:
-            shutil.rmtree(path, ignore_errors=True)
+            layout.remove_version(sid, version)
     if current is None:
         return
     problem = "it is missing" if current not in folders else readable_adapter(folders[current])
     if problem is None:
         return
     log.error("session %r: committed adapter v%d is unusable (%s); its messages return to the window", sid, current, problem)
-    with store.transaction() as db:
-        db.execute("UPDATE messages SET absorbed_version = NULL WHERE session_id = ?", (sid,))
-        db.execute("UPDATE sessions SET adapter_version = NULL, rounds = 0 WHERE session_id = ?", (sid,))
-        db.execute("UPDATE jobs SET status = 'cancelled', error = ? WHERE session_id = ? AND status IN ('queued', 'running')",
-                   (f"adapter v{current} was unusable ({problem}); absorption planned again", sid))
-    shutil.rmtree(memory.session_dir(sid) / "adapters", ignore_errors=True)
+    store.reset_adapter(sid, cancel_pending=f"adapter v{current} was unusable ({problem}); absorption planned again")
+    layout.remove_adapters(sid)

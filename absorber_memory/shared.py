@@ -17,25 +17,21 @@ from __future__ import annotations
 
 import atexit
 import threading
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .sessions import AbsorberMemory
+from .errors import ConfigError
+from .sessions import AbsorberMemory
 
 _lock = threading.Lock()
 _memory: AbsorberMemory | None = None
-_live: weakref.WeakValueDictionary[str, AbsorberMemory] = weakref.WeakValueDictionary()
 
 
 def shared_memory() -> AbsorberMemory:
     """The default `AbsorberMemory()` of this process, built on first call (loads the default model)."""
     global _memory
     with _lock:
-        if _memory is None or getattr(_memory, "_closed", False):
-            from .sessions import AbsorberMemory
-
+        if _memory is None or _memory.closed:
             _memory = AbsorberMemory()
             atexit.register(_memory.close)
         return _memory
@@ -44,12 +40,6 @@ def shared_memory() -> AbsorberMemory:
 def resolve_memory(memory: AbsorberMemory | None) -> AbsorberMemory:
     """The given core, or the process-wide default one (what integrations do with `memory=None`)."""
     return shared_memory() if memory is None else memory
-
-
-def register(memory: AbsorberMemory) -> None:
-    """Note an open core under its data directory (called by `AbsorberMemory.__init__`)."""
-    with _lock:
-        _live[str(Path(memory.data_dir).resolve())] = memory
 
 
 def memory_spec(memory: AbsorberMemory | None) -> dict[str, Any] | None:
@@ -64,13 +54,9 @@ def memory_from_spec(spec: dict[str, Any] | None) -> AbsorberMemory:
     """The open core for a `memory_spec` in this process, else a new one built from it (None: shared)."""
     if spec is None:
         return shared_memory()
-    from .errors import ConfigError
-    from .sessions import AbsorberMemory
-
     data_dir = str(Path(spec["data_dir"]).resolve())
-    with _lock:
-        live = _live.get(data_dir)
-    if live is not None and not getattr(live, "_closed", False):
+    live = AbsorberMemory.find_open(data_dir)
+    if live is not None:
         return live
     if not spec.get("model"):
         raise ConfigError(f"no open AbsorberMemory for {data_dir} and its model was passed as an object, "

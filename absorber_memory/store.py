@@ -4,11 +4,14 @@ Layout of a data directory (`$ABSORBER_HOME` by default):
 
     absorber.db                 messages, sessions, jobs (SQLite, WAL, synchronous=FULL)
     absorber.lock               held (flock) by the one process that owns the directory
-    sessions/<key>/adapters/vN  committed adapter version N of a session (PEFT folder)
+    sessions/<key>/adapters/vN  committed adapter version N of a session (see `layout.py`)
     models/                     converted embedded models (see `models.py`)
 
-`<key>` is a hash of the session id, so no id (`../`, `/`, NUL, 10 kB of
-unicode) can name a path outside the directory.
+This module owns every SQL statement of the library. Each write is a named
+operation that runs in one transaction (`add_messages`, `insert_jobs`,
+`claim_job`, `commit_job`, `reset_adapter`, `delete_session`, ...), so
+durability can be audited here alone and tested without a model. It knows
+nothing about models or adapter files.
 
 What is durable when: `add_messages` returns only after its transaction is
 committed (fsynced). A message is marked absorbed, in the same transaction
@@ -24,7 +27,6 @@ to absorption, and it keeps the transaction boundaries obvious.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidMessageError, InvalidSessionError, StorageError
+from .deprecation import moved_names
+from .jobs import PENDING, JobStatus
 
 SCHEMA_VERSION = 2
 MAX_ID_LENGTH = 1024
@@ -64,9 +68,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages (session_id, key) 
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session_id TEXT NOT NULL,
-    status TEXT NOT NULL,                 -- queued, running, done, failed, cancelled
+    status TEXT NOT NULL,                 -- a JobStatus: queued, running, done, failed, cancelled
     context_ids TEXT NOT NULL,            -- JSON list of message ids to absorb (C)
-    sync_ids TEXT NOT NULL,               -- JSON list of following message ids (S)
+    sync_ids TEXT NOT NULL,               -- JSON list of the following turns' ids (`following_ids`)
     created REAL NOT NULL,
     started REAL,
     finished REAL,
@@ -77,7 +81,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_session ON jobs (session_id, id);
 """
 
-PENDING = ("queued", "running")
 
 
 def check_id(value: Any, name: str = "session_id") -> str:
@@ -91,20 +94,6 @@ def check_id(value: Any, name: str = "session_id") -> str:
     except UnicodeEncodeError as exc:
         raise InvalidSessionError(f"`{name}` is not valid unicode (lone surrogate): {value[:40]!r}") from exc
     return value
-
-
-def session_key(session_id: str) -> str:
-    """The folder name of a session: a hash, so ids never become paths."""
-    return hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:32]
-
-
-def inside(root: Path, *parts: str) -> Path:
-    """`root / parts`, verified (lexically, so a symlinked data directory still works) to stay under `root`."""
-    base = os.path.abspath(root)
-    path = os.path.abspath(os.path.join(base, *parts))
-    if os.path.commonpath([base, path]) != base or path == base:
-        raise StorageError(f"refusing path {path!r}: it is not inside the data directory {base!r}")
-    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -139,9 +128,9 @@ class SessionRow:
 class JobRow:
     id: int
     session_id: str
-    status: str
+    status: JobStatus
     context_ids: list[int]
-    sync_ids: list[int]
+    following_ids: list[int]
     created: float
     started: float | None
     finished: float | None
@@ -156,8 +145,8 @@ def _message(r: sqlite3.Row) -> StoredMessage:
 
 def _job(row: sqlite3.Row) -> JobRow:
     return JobRow(
-        id=row["id"], session_id=row["session_id"], status=row["status"],
-        context_ids=json.loads(row["context_ids"]), sync_ids=json.loads(row["sync_ids"]),
+        id=row["id"], session_id=row["session_id"], status=JobStatus(row["status"]),
+        context_ids=json.loads(row["context_ids"]), following_ids=json.loads(row["sync_ids"]),
         created=row["created"], started=row["started"], finished=row["finished"], error=row["error"],
         metrics=json.loads(row["metrics"]) if row["metrics"] else None, adapter_version=row["adapter_version"],
     )
@@ -309,7 +298,8 @@ class Store:
             rows = self._query("SELECT session_id FROM sessions WHERE user_id = ? ORDER BY created", (user_id,))
         return [r["session_id"] for r in rows]
 
-    def ensure_session(self, db: sqlite3.Connection, session_id: str, user_id: str | None) -> None:
+    @staticmethod
+    def _ensure_session(db: sqlite3.Connection, session_id: str, user_id: str | None) -> None:
         row = db.execute("SELECT user_id FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         if row is None:
             db.execute("INSERT INTO sessions (session_id, user_id, created) VALUES (?, ?, ?)",
@@ -321,11 +311,40 @@ class Store:
         elif user_id is not None and row["user_id"] is None:
             db.execute("UPDATE sessions SET user_id = ? WHERE session_id = ?", (user_id, session_id))
 
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a session's messages, jobs and row in one transaction; returns whether it existed."""
+        with self.transaction() as db:
+            existed = db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is not None
+            for table in ("messages", "jobs", "sessions"):
+                db.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+        return existed
+
+    def reset_adapter(self, session_id: str, *, cancel_pending: str | None = None) -> None:
+        """Return every message of the session to the window and drop its adapter version.
+
+        With `cancel_pending` (the reason), its queued and running jobs are
+        cancelled in the same transaction.
+        """
+        with self.transaction() as db:
+            self._reset_adapter(db, session_id)
+            if cancel_pending is not None:
+                db.execute(f"UPDATE jobs SET status = ?, error = ? WHERE session_id = ? AND status IN {_PENDING_SQL}",
+                           (JobStatus.CANCELLED.value, cancel_pending, session_id))
+
+    @staticmethod
+    def _reset_adapter(db: sqlite3.Connection, session_id: str) -> None:
+        db.execute("UPDATE messages SET absorbed_version = NULL WHERE session_id = ?", (session_id,))
+        db.execute("UPDATE sessions SET adapter_version = NULL, rounds = 0 WHERE session_id = ?", (session_id,))
+
     def reserve_version(self, session_id: str) -> int:
         """Hand out the next adapter folder number of a session (never reused, even after a crash)."""
         with self.transaction() as db:
-            db.execute("UPDATE sessions SET last_version = last_version + 1 WHERE session_id = ?", (session_id,))
-            row = db.execute("SELECT last_version FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+            return self._reserve_version(db, session_id)
+
+    @staticmethod
+    def _reserve_version(db: sqlite3.Connection, session_id: str) -> int:
+        db.execute("UPDATE sessions SET last_version = last_version + 1 WHERE session_id = ?", (session_id,))
+        row = db.execute("SELECT last_version FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         if row is None:
             raise StorageError(f"session {session_id!r} no longer exists")
         return int(row["last_version"])
@@ -346,50 +365,127 @@ class Store:
                 found[r["id"]] = _message(r)
         return found
 
+    def add_messages(self, session_id: str, user_id: str | None, messages: list[dict[str, str]],
+                     keys: list[str | None] | None = None) -> list[int]:
+        """Store messages in one transaction (creating the session); returns their ids.
+
+        System messages are refused once the session's conversation has
+        started: they are its prefix.
+        """
+        with self.transaction() as db:
+            self._ensure_session(db, session_id, user_id)
+            if any(m["role"] == "system" for m in messages):
+                started = db.execute("SELECT 1 FROM messages WHERE session_id = ? AND role != 'system' LIMIT 1",
+                                     (session_id,)).fetchone()
+                if started:
+                    raise InvalidMessageError("system messages must come before the session's conversation starts")
+            return self._insert_messages(db, session_id, messages, keys)
+
+    def replace_prefix(self, session_id: str, system: list[dict[str, str]]) -> None:
+        """Replace the session's system messages (creating the session) in one transaction."""
+        with self.transaction() as db:
+            self._ensure_session(db, session_id, None)
+            db.execute("DELETE FROM messages WHERE session_id = ? AND role = 'system'", (session_id,))
+            self._insert_messages(db, session_id, system)
+
+    def delete_messages(self, session_id: str, message_ids: list[int], *, reset_adapter: bool) -> None:
+        """Delete messages; with `reset_adapter`, also return the rest to the window and drop the adapter."""
+        with self.transaction() as db:
+            db.executemany("DELETE FROM messages WHERE id = ? AND session_id = ?",
+                           [(i, session_id) for i in message_ids])
+            if reset_adapter:
+                self._reset_adapter(db, session_id)
+
     @staticmethod
-    def insert_messages(db: sqlite3.Connection, session_id: str, messages: list[dict[str, str]],
-                        keys: list[str | None] | None = None) -> list[int]:
+    def _insert_messages(db: sqlite3.Connection, session_id: str, messages: list[dict[str, str]],
+                         keys: list[str | None] | None = None) -> list[int]:
         now = time.time()
         ids = []
-        for m, key in zip(messages, keys or [None] * len(messages)):
+        for m, key in zip(messages, keys or [None] * len(messages), strict=True):
             try:
                 cur = db.execute("INSERT INTO messages (session_id, role, content, created, key) VALUES (?, ?, ?, ?, ?)",
                                  (session_id, m["role"], m["content"], now, key))
             except sqlite3.IntegrityError:
                 raise InvalidMessageError(f"session {session_id!r} already has a message with key {key!r}") from None
-            ids.append(int(cur.lastrowid))
+            ids.append(int(cur.lastrowid or 0))
         return ids
 
     # --- jobs --------------------------------------------------------------------------
-    @staticmethod
-    def insert_job(db: sqlite3.Connection, session_id: str, context_ids: list[int], sync_ids: list[int]) -> int:
-        cur = db.execute(
-            "INSERT INTO jobs (session_id, status, context_ids, sync_ids, created) VALUES (?, 'queued', ?, ?, ?)",
-            (session_id, json.dumps(context_ids), json.dumps(sync_ids), time.time()),
-        )
-        return int(cur.lastrowid)
+    def insert_jobs(self, session_id: str, rounds: list[tuple[list[int], list[int]]]) -> list[int]:
+        """Queue one job per `(context_ids, following_ids)` round, in one transaction; returns their ids."""
+        now = time.time()
+        with self.transaction() as db:
+            return [
+                int(db.execute(
+                    "INSERT INTO jobs (session_id, status, context_ids, sync_ids, created) VALUES (?, ?, ?, ?, ?)",
+                    (session_id, JobStatus.QUEUED.value, json.dumps(c), json.dumps(f), now),
+                ).lastrowid or 0)
+                for c, f in rounds
+            ]
 
     def job(self, job_id: int) -> JobRow | None:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def jobs(self, session_id: str | None = None, statuses: tuple[str, ...] | None = None) -> list[JobRow]:
+    def jobs(self, session_id: str | None = None, statuses: tuple[JobStatus | str, ...] | None = None) -> list[JobRow]:
         sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
         if session_id is not None:
             sql += " AND session_id = ?"
             args.append(session_id)
         if statuses:
             sql += f" AND status IN ({','.join('?' * len(statuses))})"
-            args += list(statuses)
+            args += [JobStatus(s).value for s in statuses]
         return [_job(r) for r in self._query(sql + " ORDER BY id", tuple(args))]
 
-    def set_job_status(self, job_id: int, status: str, *, error: str | None = None) -> None:
-        now = time.time()
+    def claim_job(self, job_id: int) -> tuple[JobRow, SessionRow, int] | None:
+        """Mark a queued job running and reserve its output version, in one transaction.
+
+        Returns `(job, session, version)`, or None if the job is gone or no longer pending.
+        """
         with self.transaction() as db:
-            if status == "running":
-                db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ?", (status, now, job_id))
-            elif status == "queued":
-                db.execute("UPDATE jobs SET status = ?, started = NULL WHERE id = ?", (status, job_id))
-            else:
-                db.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
-                           (status, now, error, job_id))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or JobStatus(row["status"]) not in PENDING:
+                return None
+            job = _job(row)
+            version = self._reserve_version(db, job.session_id)
+            db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ?",
+                       (JobStatus.RUNNING.value, time.time(), job_id))
+            s = db.execute("SELECT * FROM sessions WHERE session_id = ?", (job.session_id,)).fetchone()
+        session = SessionRow(s["session_id"], s["user_id"], s["adapter_version"], s["last_version"], s["rounds"])
+        return job, session, version
+
+    def commit_job(self, job: JobRow, version: int, report: dict[str, Any]) -> None:
+        """Mark a job's messages absorbed into adapter `version` (already durable) and the job done.
+
+        One transaction: the messages leave the window, the session moves to
+        `version`, and the job records its report, together or not at all.
+        """
+        with self.transaction() as db:
+            db.executemany("UPDATE messages SET absorbed_version = ? WHERE id = ? AND absorbed_version IS NULL",
+                           [(version, i) for i in job.context_ids])
+            db.execute("UPDATE sessions SET adapter_version = ?, rounds = rounds + 1 WHERE session_id = ?",
+                       (version, job.session_id))
+            db.execute("UPDATE jobs SET status = ?, finished = ?, metrics = ?, adapter_version = ?, error = NULL "
+                       "WHERE id = ?", (JobStatus.DONE.value, time.time(), json.dumps(report), version, job.id))
+
+    def requeue_job(self, job_id: int) -> None:
+        """Put a running job back in the queue (interrupted by `close`, or found running on reopen)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET status = ?, started = NULL WHERE id = ?", (JobStatus.QUEUED.value, job_id))
+
+    def end_job(self, job_id: int, status: JobStatus, error: str | None = None) -> None:
+        """Record that a job failed or was cancelled (with the reason)."""
+        if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise ValueError(f"`status` must be failed or cancelled, got {status!r}")
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
+                       (status.value, time.time(), error, job_id))
+
+
+_PENDING_SQL = "(" + ", ".join(f"'{s.value}'" for s in PENDING) + ")"
+
+__getattr__ = moved_names(__name__, {
+    "PENDING": "absorber_memory.jobs:PENDING",
+    "session_key": "absorber_memory.layout:session_key",
+    "inside": "absorber_memory.layout:inside",
+})

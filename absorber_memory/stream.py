@@ -81,3 +81,13 @@ def plan_absorption(
         synced += c
         n_sync += 1
     return AbsorbPlan(absorb=end, sync=n_sync, absorb_tokens=absorbed, sync_tokens=synced)
+
+
+def fit_window(counts: list[int], roles: list[str], budget: int) -> int:
+    """Where the prompt's window starts: the oldest turn boundary whose tail fits `budget` tokens.
+
+    The newest turn stays even if it alone is too long; turns are never split.
+    """
+    spans = turn_spans(roles)
+    fallback = spans[-1][0] if spans else 0
+    return next((begin for begin, _ in spans if sum(counts[begin:]) <= budget), fallback)

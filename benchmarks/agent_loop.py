@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from absorber_memory import AbsorberConfig, AbsorberMemory, load_model
-from absorber_memory.store import session_key
+from absorber_memory.layout import session_key
 from absorber_memory.testing import tiny_model_and_tokenizer
 
 NAMES = ["Ana", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Goran", "Hana"]
@@ -63,7 +63,7 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
                             "running": sum(j.status == "running" for j in pending)})
     loop_seconds = time.perf_counter() - start
     drained = time.perf_counter()
-    memory.flush_sync()
+    memory.flush()
     drain_seconds = time.perf_counter() - drained
     jobs = [j for j in memory.jobs() if j.status == "done"]
     result = {
@@ -88,7 +88,7 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
 
 def measure_switch(memory: AbsorberMemory, sessions: int, repeats: int = 20) -> dict:
     """Milliseconds to make a session's adapter active: warm (loaded) and cold (LRU miss, read from disk)."""
-    cache = memory._cache
+    cache = memory.adapters
     ids = [f"user-{s}" for s in range(sessions) if memory.adapter_path(f"user-{s}") is not None]
     if len(ids) < 2:
         return {}

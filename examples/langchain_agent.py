@@ -44,7 +44,7 @@ for text in [
     print(f"  [{len(state['messages'])} messages in the state, jobs: {[j.status for j in memory.jobs('marta')]}]")
 
 print("waiting for background absorption ...")
-for job in memory.flush_sync():
+for job in memory.flush():
     print(f"  job {job.id}: {len(job.message_ids)} messages, {job.metrics['steps']} steps, {job.metrics['seconds']:.0f} s")
 state = agent.invoke({"messages": [{"role": "user", "content": "What is my cat called?"}]}, thread)
 print("ai:", state["messages"][-1].content.strip())

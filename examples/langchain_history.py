@@ -3,7 +3,7 @@
     pip install 'absorber-memory[langchain]'
     python examples/langchain_history.py
 
-`memory.langchain_history` is the `get_session_history` factory: each
+`session_history(memory)` is the `get_session_history` factory: each
 session's `messages` is its system prefix plus the unabsorbed window, and
 adding messages queues absorption of the overflow into that session's
 adapter, which the `ChatAbsorber` (bound to the session at call time) uses.
@@ -16,7 +16,7 @@ from langchain_core.runnables import ConfigurableField
 from langchain_core.runnables.history import RunnableWithMessageHistory
 
 from absorber_memory import AbsorberMemory
-from langchain_absorber import ChatAbsorber
+from langchain_absorber import ChatAbsorber, session_history
 
 warnings.filterwarnings("ignore", message="RunnableWithMessageHistory is deprecated")
 
@@ -26,7 +26,7 @@ SYSTEM = "You are a friendly assistant who remembers what the user tells you."
 prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{question}")])
 # The session id picks the adapter: expose it as a configurable field of the model.
 model = ChatAbsorber(memory=memory).configurable_fields(session_id=ConfigurableField(id="session_id"))
-chain = RunnableWithMessageHistory(prompt | model, lambda session_id: memory.langchain_history(session_id, system=SYSTEM),
+chain = RunnableWithMessageHistory(prompt | model, lambda session_id: session_history(memory)(session_id, system=SYSTEM),
                                    input_messages_key="question", history_messages_key="history")
 config = {"configurable": {"session_id": "jonas"}}
 
@@ -39,8 +39,8 @@ for question in [
     answer = chain.invoke({"question": question}, config=config)
     print(f"user: {question}\n  ai: {answer.content.strip()[:100]}")
 
-memory.flush_sync()
-history = memory.langchain_history("jonas")
+memory.flush()
+history = session_history(memory)("jonas")
 print(f"in the prompt now: {len(history.messages)} messages; absorbed: "
       f"{sum(m.absorbed for m in memory.transcript('jonas'))} (adapter {memory.adapter_path('jonas')})")
 print("ai:", chain.invoke({"question": "What is my daughter's name?"}, config=config).content.strip())

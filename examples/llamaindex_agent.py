@@ -42,7 +42,7 @@ async def main() -> None:
             print(f"  [{len(await memory.aget())} messages in the prompt's history, "
                   f"jobs: {[j.status for j in core.jobs('marta')]}]")
     print("waiting for background absorption ...")
-    for job in await core.flush():
+    for job in await core.aflush():
         print(f"  job {job.id}: {len(job.message_ids)} messages, {job.metrics['steps']} steps, "
               f"{job.metrics['seconds']:.0f} s")
     print("context as JSON (ids and config, no weights):", len(str(ctx.to_dict())), "characters")

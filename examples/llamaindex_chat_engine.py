@@ -34,7 +34,7 @@ for message in PERSONA_CHAT + FOLLOW_UP:
           f"jobs: {[j.status for j in core.jobs('marta')]}]")
 
 print("waiting for background absorption ...")
-for job in core.flush_sync():
+for job in core.flush():
     print(f"  job {job.id}: {len(job.message_ids)} messages, {job.metrics['steps']} steps, {job.metrics['seconds']:.0f} s")
 print("user: What is my cat called?\n  ai:", engine.chat("What is my cat called?").response.strip())
 report = session_fidelity(core, "marta", HELD_OUT_QUERIES, max_new_tokens=24)

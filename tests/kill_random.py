@@ -70,7 +70,7 @@ def main() -> None:
         ids = memory.add_messages(turn(k, who=f"P{k % 2}"), session_id=f"s{k % 2}")
         note(acked=ids)
         time.sleep(0.05)
-    memory.flush_sync()
+    memory.flush()
     note(phase="idle")
     time.sleep(600)
 

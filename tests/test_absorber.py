@@ -87,9 +87,9 @@ def test_update_penalty_is_added(make_memory):
 def test_first_teacher_is_the_frozen_model(make_memory):
     """With LoRA B = 0 the adapter is a no-op, so both teachers must agree exactly."""
     pm = make_memory()
-    batch = pm._absorber._plan([], CONTEXT, [chat("hi", "hello")])
-    base, _ = pm._absorber._teacher_targets(batch, base_teacher=True)
-    current, _ = pm._absorber._teacher_targets(batch, base_teacher=False)
+    batch = pm.engine.absorber._plan([], CONTEXT, [chat("hi", "hello")])
+    base, _ = pm.engine.absorber._teacher_targets(batch, base_teacher=True)
+    current, _ = pm.engine.absorber._teacher_targets(batch, base_teacher=False)
     assert all(torch.equal(a, b) for a, b in zip(base, current))
 
 
@@ -102,14 +102,14 @@ def test_nan_loss_rolls_back_and_raises(make_memory, monkeypatch):
     pm.absorb(CONTEXT)
     good = _lora_state(pm)
     calls = {"n": 0}
-    real = pm._absorber._loss
+    real = pm.engine.absorber._loss
 
     def poisoned(*args):
         calls["n"] += 1
         loss = real(*args)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(pm._absorber, "_loss", poisoned)
+    monkeypatch.setattr(pm.engine.absorber, "_loss", poisoned)
     with pytest.raises(AbsorptionError, match="loss became nan at step 2; adapter rolled back"):
         pm.absorb(CONTEXT)
     assert all(torch.equal(good[n], p) for n, p in _lora_state(pm).items())
@@ -124,15 +124,15 @@ def test_cancel_from_progress_callback_rolls_back(make_memory):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pm._absorber.absorb([], CONTEXT, [chat("hi", "hello")], on_step=cancel)
+        pm.engine.absorber.absorb([], CONTEXT, [chat("hi", "hello")], on_step=cancel)
     assert all(torch.equal(good[n], p) for n, p in _lora_state(pm).items())
 
 
 def test_hidden_state_losses_skip_the_lm_head(make_memory):
     pm = make_memory()
     seqs = [pm.fmt.encode_segments(CONTEXT)]
-    assert pm._absorber._forward(seqs, logits=False).logits.shape[1] == 1
-    assert pm._absorber._forward(seqs, logits=True).logits.shape[1] == len(seqs[0])
+    assert pm.engine.absorber._forward(seqs, logits=False).logits.shape[1] == 1
+    assert pm.engine.absorber._forward(seqs, logits=True).logits.shape[1] == len(seqs[0])
 
 
 def test_segment_schedule_cycles_through_all_segments_evenly():
@@ -155,8 +155,8 @@ def test_sync_batch_segments_trains_on_a_subset_per_step(make_memory, monkeypatc
             chat("Hello!", "Hi Ana."), chat("Weather?", "Sunny in Lisbon.")]
     pm = make_memory(sync_batch_segments=2, max_steps=12)
     sizes = []
-    forward = pm._absorber._forward
-    monkeypatch.setattr(pm._absorber, "_forward", lambda seqs, logits=True: sizes.append(len(seqs)) or forward(seqs, logits))
+    forward = pm.engine.absorber._forward
+    monkeypatch.setattr(pm.engine.absorber, "_forward", lambda seqs, logits=True: sizes.append(len(seqs)) or forward(seqs, logits))
     report = pm.absorb(CONTEXT, sync)
     assert sizes == [4] + [2] * 13  # one teacher pass over all four, then two per step (and the last check)
     assert report.sync_segments == 4 and report.final_loss < report.initial_loss

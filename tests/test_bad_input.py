@@ -32,7 +32,7 @@ from absorber_memory import (
     StorageError,
 )
 from absorber_memory.persistence import ADAPTER_WEIGHTS
-from absorber_memory.store import session_key
+from absorber_memory.layout import session_key
 from absorber_memory.testing import tiny_model
 from langchain_absorber import AbsorberChatMessageHistory, ChatAbsorber
 from llama_index.memory.absorber import AbsorberMemory as LlamaMemory
@@ -70,7 +70,7 @@ def env(make_service, tokenizer, tmp_path):
     for k in range(3):
         core.add_messages(turn(k), session_id="s", user_id="alice")
     core.add_messages(user("keyed"), session_id="k", keys=["id-1"])
-    core.flush_sync()
+    core.flush()
     assert core.adapter_path("s") is not None and core.window("s")  # an adapter and a window to protect
     return Env(core, tokenizer, tmp_path, make_service)
 
@@ -120,7 +120,7 @@ def corrupted_saved_memory(env: Env) -> None:
 def corrupted_adapter_in_use(env: Env) -> None:
     weights = env.core.adapter_path("s") / ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:200])  # torn by something outside our control
-    env.core._cache.evict(session_key("s"))  # so the next use reads the file again
+    env.core.adapters.evict(session_key("s"))  # so the next use reads the file again
     env.core.generate(session_id="s")
 
 
@@ -148,7 +148,7 @@ def corrupted_database(env: Env) -> None:
 def database_locked_by_another_program(env: Env) -> None:
     other = sqlite3.connect(env.core.data_dir / "absorber.db", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # a backup tool, say, holding the write lock
-    env.core._store._db.execute("PRAGMA busy_timeout = 200")  # fail fast instead of the 5 s default
+    env.core.store._db.execute("PRAGMA busy_timeout = 200")  # fail fast instead of the 5 s default
     try:
         env.core.add_messages(turn(7), session_id="s")
     finally:
@@ -157,7 +157,7 @@ def database_locked_by_another_program(env: Env) -> None:
 
 
 def database_full(env: Env) -> None:
-    db = env.core._store._db
+    db = env.core.store._db
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own way to simulate a full disk
     try:

@@ -46,26 +46,26 @@ class _Explode(torch.autograd.Function):
 def test_exploding_gradients_roll_back_and_fail_the_job(make_service, monkeypatch, max_grad_norm):
     memory = make_service(max_grad_norm=max_grad_norm)
     added = talk(memory, range(3))
-    memory.flush_sync()
+    memory.flush()
     before = memory.adapter_path()
     weights = before.joinpath(ADAPTER_WEIGHTS).read_bytes()
     real = losses.hidden_sync_loss
     monkeypatch.setattr(losses, "hidden_sync_loss", lambda *a, **k: _Explode.apply(real(*a, **k)))
     added += talk(memory, range(5, 7))
-    ended = memory.flush_sync()
+    ended = memory.flush()
     assert ended and ended[0].status == "failed" and "exploding gradients" in ended[0].error
     assert memory.adapter_path() == before and before.joinpath(ADAPTER_WEIGHTS).read_bytes() == weights
     check_invariants(memory, "default", added)
     monkeypatch.undo()
     added += talk(memory, range(7, 8))  # the next turn plans again and succeeds
-    assert {j.status for j in memory.flush_sync()} == {"done"}
+    assert {j.status for j in memory.flush()} == {"done"}
     check_invariants(memory, "default", added)
 
 
 def test_disk_full_during_an_adapter_save_keeps_the_previous_adapter(make_service, monkeypatch):
     memory = make_service()
     added = talk(memory, range(3), "a")
-    memory.flush_sync()
+    memory.flush()
     before = memory.adapter_path("a")
     weights = before.joinpath(ADAPTER_WEIGHTS).read_bytes()
 
@@ -75,7 +75,7 @@ def test_disk_full_during_an_adapter_save_keeps_the_previous_adapter(make_servic
 
     monkeypatch.setattr(persistence, "save_file", full_disk)
     added += talk(memory, range(3, 5), "a")
-    ended = memory.flush_sync()
+    ended = memory.flush()
     assert ended and all(j.status in ("failed", "cancelled") for j in ended)
     assert "No space left on device" in ended[0].error
     assert memory.adapter_path("a") == before and before.joinpath(ADAPTER_WEIGHTS).read_bytes() == weights
@@ -85,7 +85,7 @@ def test_disk_full_during_an_adapter_save_keeps_the_previous_adapter(make_servic
     monkeypatch.undo()
     other = talk(memory, range(3), "b")  # the worker lived on
     added += talk(memory, range(5, 6), "a")
-    assert {j.status for j in memory.flush_sync()} == {"done"}
+    assert {j.status for j in memory.flush()} == {"done"}
     check_invariants(memory, "a", added)
     check_invariants(memory, "b", other)
 
@@ -94,7 +94,7 @@ def test_a_corrupt_adapter_found_on_open_is_rebuilt_from_the_messages(make_servi
     data = tmp_path / "data"
     memory = make_service(data_dir=data)
     added = talk(memory, range(4))
-    memory.flush_sync()
+    memory.flush()
     folder = memory.adapter_path()
     absorbed = [m.id for m in memory.transcript() if m.absorbed]
     assert absorbed
@@ -104,7 +104,7 @@ def test_a_corrupt_adapter_found_on_open_is_rebuilt_from_the_messages(make_servi
     reopened = make_service(data_dir=data)
     assert [m.id for m in reopened.transcript()] == added  # every message kept
     assert not folder.exists()
-    reopened.flush_sync()  # re-absorbed from the oldest message
+    reopened.flush()  # re-absorbed from the oldest message
     assert set(absorbed) <= {m.id for m in reopened.transcript() if m.absorbed}
     check_invariants(reopened, "default", added)
     reopened.generate()

@@ -2,6 +2,48 @@ import absorber_memory
 
 EXPECTED_ALL = [
     "DEFAULT_MODEL",
+    "DEFAULT_SESSION",
+    "AbsorberConfig",
+    "AbsorberError",
+    "AbsorberMemory",
+    "AbsorptionEngine",
+    "AbsorptionError",
+    "AbsorptionQueue",
+    "AbsorptionReport",
+    "ConfigError",
+    "Executor",
+    "FidelityReport",
+    "InvalidMessageError",
+    "InvalidSessionError",
+    "JobCancelled",
+    "JobHandle",
+    "JobInfo",
+    "JobResult",
+    "JobSpec",
+    "JobStatus",
+    "LocalExecutor",
+    "ModelLoadError",
+    "ParametricMemory",
+    "SkippedContentWarning",
+    "StorageError",
+    "StoredMessage",
+    "TemplateError",
+    "TextStream",
+    "__version__",
+    "check_id",
+    "fidelity",
+    "load_model",
+    "memory_from_spec",
+    "memory_spec",
+    "resolve_memory",
+    "run_job",
+    "session_fidelity",
+    "shared_memory",
+]
+
+#: The public API of 0.1.0: every name must still import from the package.
+RELEASED_ALL = [
+    "DEFAULT_MODEL",
     "AbsorberConfig",
     "AbsorberError",
     "AbsorberMemory",
@@ -41,6 +83,7 @@ LANGCHAIN_ALL = [
     "ChatAbsorber",
     "__version__",
     "parse_tool_calls",
+    "session_history",
     "to_chat",
     "to_chat_messages",
 ]
@@ -51,6 +94,7 @@ def test_all_is_pinned_and_sorted():
     assert sorted(absorber_memory.__all__, key=str.lower) == sorted(EXPECTED_ALL, key=str.lower)
     for name in EXPECTED_ALL:
         assert hasattr(absorber_memory, name), name
+    assert set(RELEASED_ALL) <= set(absorber_memory.__all__)
 
 
 def test_version_comes_from_metadata():

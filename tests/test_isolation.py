@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from absorber_memory.metrics import answer_logprobs
 from absorber_memory.persistence import ADAPTER_WEIGHTS
-from absorber_memory.store import session_key
+from absorber_memory.layout import session_key
 
 from .conftest import turn
 from .test_sessions import QUESTION, check_invariants, reference_answer
@@ -41,7 +41,7 @@ def turns_of(session: str, i: int) -> list[dict]:
 
 def spy_on_adapters(memory) -> list[tuple[str, str | None, str | None, bool]]:
     """Record, at every use of the inference model, whose slot is active and who asked."""
-    cache, seen = memory._cache, []
+    cache, seen = memory.adapters, []
     real_use = cache.use
 
     @contextlib.contextmanager
@@ -60,7 +60,7 @@ def fact_logprob(memory, session: str) -> float:
     """Log-probability of A's fact as the answer to its question, with `session`'s adapter."""
     prompt = memory.fmt.encode(memory.prefix(session), FACT_QUESTION, add_generation_prompt=True)
     answer = memory.fmt.encode_text(FACT_ANSWER)
-    with memory._using(session) as model:
+    with memory.adapted_model(session) as model:
         logp = answer_logprobs(model, prompt, answer)
     return float(logp.gather(1, torch.tensor(answer)[:, None]).sum())
 
@@ -78,7 +78,7 @@ async def test_eight_sessions_never_see_each_others_adapters(make_service, token
             await asyncio.sleep(0)
 
     await asyncio.gather(*(talk(s) for s in SESSIONS))
-    ended = await memory.flush()
+    ended = await memory.aflush()
     assert ended and all(j.status == "done" for j in ended)
     for session, ids in added.items():
         check_invariants(memory, session, ids)
@@ -96,7 +96,7 @@ async def test_eight_sessions_never_see_each_others_adapters(make_service, token
     b_alone = []
     for i in range(TURNS):
         b_alone += alone.add_messages(turns_of("s1", i), session_id="s1")
-    alone.flush_sync()
+    alone.flush()
     shared, solo = load_file(memory.adapter_path("s1") / ADAPTER_WEIGHTS), load_file(alone.adapter_path("s1") / ADAPTER_WEIGHTS)
     assert shared.keys() == solo.keys() and all(torch.equal(shared[k], solo[k]) for k in shared)
     assert fact_logprob(memory, "s1") == fact_logprob(alone, "s1")  # A's fact did not move B

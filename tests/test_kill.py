@@ -58,7 +58,7 @@ def test_sigkill_loses_nothing_and_the_job_completes(point, tmp_path, make_servi
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no torn or stray versions left
     memory.generate(QUESTION)  # loads the adapter (checked shapes and values)
     box["ex"].gate.set()
-    ended = memory.flush_sync()
+    ended = memory.flush()
     assert all(j.status == "done" for j in ended)
     assert all(j.status == "done" for j in memory.jobs())
     check_invariants(memory, "default", stored)
@@ -106,7 +106,7 @@ def test_sigkill_at_a_random_moment_loses_no_acknowledged_message(seed, tmp_path
         if folder is not None:
             assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no torn or stray versions
         memory.generate(QUESTION, session_id=sid)  # the committed adapter loads (shapes and values checked)
-    assert all(j.status == "done" for j in memory.flush_sync())
+    assert all(j.status == "done" for j in memory.flush())
     for sid, ids in stored.items():
         check_invariants(memory, sid, ids)
         assert memory.window_tokens(sid) <= memory.config.window_tokens

@@ -83,7 +83,7 @@ def run_sync(agent, memory, threads, turns):
         started = time.time()
         for thread in threads:
             states[thread] = agent.invoke(question(thread, i), {"configurable": {"thread_id": thread}})
-        memory.flush_sync()
+        memory.flush()
     return states, started
 
 
@@ -107,7 +107,7 @@ async def test_agent_under_ainvoke(make_service, monkeypatch):
         started = time.time()
         for thread in ("x", "y"):
             states[thread] = await agent.ainvoke(question(thread, i), {"configurable": {"thread_id": thread}})
-        await memory.flush()
+        await memory.aflush()
     check_run(memory, scripted, states, started)
 
 

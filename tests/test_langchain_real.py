@@ -32,7 +32,7 @@ def test_agent_absorbs_early_facts_with_fidelity(absorber_home):
         thread = {"configurable": {"thread_id": "marta"}}
         for text in USER_TURNS:  # 7 turns; the assistant's answers are the model's own
             state = agent.invoke({"messages": [{"role": "user", "content": text}]}, thread)
-        memory.flush_sync()
+        memory.flush()
         jobs = memory.jobs("marta")
         assert len(jobs) >= 2 and all(j.status == "done" for j in jobs)
         absorbed = [m for m in memory.transcript("marta") if m.absorbed]

@@ -45,7 +45,7 @@ def test_metadata_is_truthful(llm):
     meta = llm.metadata
     assert meta.is_chat_model and not meta.is_function_calling_model
     assert meta.model_name == "tiny-llama" and meta.num_output == 10
-    assert meta.context_window == llm.core._context_limit
+    assert meta.context_window == llm.core.context_limit
 
 
 def test_non_text_blocks_are_skipped_with_a_warning(llm):

@@ -42,7 +42,7 @@ def test_simple_chat_engine_absorbs_overflow_and_get_returns_only_the_window(mak
     core.stream = script = Scripted(core, [])
     for fact in FACTS:
         engine.chat(fact)
-        core.flush_sync("ana")
+        core.flush("ana")
     absorbed = check_absorbed_once(core, "ana")
     assert absorbed and absorbed[0].content == FACTS[0]
     window = core.window("ana")
@@ -65,7 +65,7 @@ async def test_achat_matches_chat(make_service):
     for fact in FACTS[:4]:
         reply = engines["sync"].chat(fact).response
         assert (await engines["async"].achat(fact)).response == reply
-        await core.flush()
+        await core.aflush()
     sync_memory, async_memory = (engines[s]._memory for s in ("sync", "async"))
     assert contents(await async_memory.aget()) == contents(sync_memory.get())
     assert contents(await async_memory.aget_all()) == contents(sync_memory.get_all())
@@ -86,7 +86,7 @@ def test_condense_plus_context_engine(make_service):
     for fact in FACTS[:4]:
         absorbed_before = {r.content for r in core.transcript("cpc") if r.absorbed}
         engine.chat(fact)
-        core.flush_sync("cpc")
+        core.flush("cpc")
     stored = core.transcript("cpc")
     assert [m.role for m in stored] == ["user", "assistant"] * 4 and stored[0].content == FACTS[0]
     assert absorbed_before and check_absorbed_once(core, "cpc")
@@ -125,7 +125,7 @@ async def test_react_agent_workflow_with_memory_survives_ctx_serialization(make_
     assert again.session_id == "agent" and again.core is core  # the open core of that data directory
     for fact in FACTS[:4]:
         await agent.run(user_msg=fact, ctx=restored)
-    await core.flush("agent")
+    await core.aflush("agent")
     stored = core.transcript("agent")
     assert stored[0].content == "What is 2 + 3?" and "2 + 3 = 5" in stored[1].content
     assert [m.content for m in stored if m.role == "user"] == ["What is 2 + 3?", *FACTS[:4]]
@@ -140,7 +140,7 @@ async def test_sessions_are_kept_apart_and_flushed_turns_are_queued_once(make_se
         a.put_messages([ChatMessage(role="user", content=fact), ChatMessage(role="assistant", content=f"Ok {i}.")])
         await b.aput(ChatMessage(role="user", content=fact.replace("Ana", "Bo")))
         await b.aput(ChatMessage(role="assistant", content=f"Ok {i}."))
-    await core.flush()
+    await core.aflush()
     for memory, name in ((a, "Ana"), (b, "Bo")):
         absorbed = check_absorbed_once(core, memory.session_id)
         assert absorbed and all(name in m.content or m.role == "assistant" for m in absorbed)
@@ -153,7 +153,7 @@ def test_reset_forgets_messages_and_adapter(make_service):
     memory = AbsorberMemory(core, session_id="r", system="Be kind.")
     for fact in FACTS:
         memory.put(ChatMessage(role="user", content=fact))
-    core.flush_sync("r")
+    core.flush("r")
     assert core.adapter_path("r") is not None
     memory.reset()
     assert core.adapter_path("r") is None and core.transcript("r") == []
@@ -173,7 +173,7 @@ def test_set_extends_or_replaces_and_bad_input_changes_nothing(make_service):
     memory = AbsorberMemory(core, session_id="s")
     history = [ChatMessage(role=r, content=f"{fact} ({r})") for fact in FACTS for r in ("user", "assistant")]
     memory.set(history[:8])
-    core.flush_sync("s")
+    core.flush("s")
     version = core.adapter_path("s")
     assert version is not None
     memory.set(history)  # extends what is stored: only the tail is added, the adapter stays
@@ -251,7 +251,7 @@ async def test_block_absorbs_what_llamaindex_memory_flushes(make_service):
     assert core.prefix("blk") == [{"role": "system", "content": "Be kind."}]
     assert all(m.role != "system" for m in await li_memory.aget())  # the block adds nothing to the prompt
     held[0].gate.set()
-    await core.flush("blk")
+    await core.aflush("blk")
     assert len(check_absorbed_once(core, "blk")) == len(flushed)  # every flushed turn, the newest included
 
 

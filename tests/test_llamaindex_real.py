@@ -26,7 +26,7 @@ def test_chat_engine_absorbs_early_facts_with_fidelity(absorber_home):
         engine = SimpleChatEngine.from_defaults(llm=memory.as_llm(), memory=memory)
         for text in USER_TURNS:  # 7 turns; the assistant's answers are the model's own
             engine.chat(text)
-        core.flush_sync()
+        core.flush()
         jobs = core.jobs("marta")
         assert len(jobs) >= 2 and all(j.status == "done" for j in jobs)
         absorbed = [m for m in core.transcript("marta") if m.absorbed]

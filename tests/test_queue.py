@@ -59,7 +59,7 @@ def test_status_shows_running_progress_then_done(make_service):
     assert len(running) == 1 and running[0].step == 0 and running[0].loss > 0
     assert all(j.status == "queued" for j in memory.jobs() if j.id != running[0].id)
     box["ex"].gate.set()
-    ended = memory.flush_sync()
+    ended = memory.flush()
     assert {j.status for j in ended} == {"done"} and memory.job(running[0].id).finished
 
 
@@ -68,16 +68,16 @@ def test_flush_times_out_with_a_clear_error(make_service):
     memory = make_service(wrap=lambda inner: box.setdefault("ex", Controlled(inner, hold=True)))
     overflow(memory)
     with pytest.raises(TimeoutError, match="still pending"):
-        memory.flush_sync(timeout=0.2)
+        memory.flush(timeout=0.2)
     box["ex"].gate.set()
-    memory.flush_sync()
+    memory.flush()
 
 
 def test_cancel_running_job_keeps_messages_and_previous_adapter(make_service):
     box = {}
     memory = make_service(wrap=lambda inner: box.setdefault("ex", Controlled(inner)))
     overflow(memory, turns=3)
-    memory.flush_sync()
+    memory.flush()
     before = memory.adapter_path()
     weights = before.joinpath(ADAPTER_WEIGHTS).read_bytes()
     box["ex"].gate.clear()
@@ -90,7 +90,7 @@ def test_cancel_running_job_keeps_messages_and_previous_adapter(make_service):
     assert any(j.status == "queued" for j in memory.jobs())
     assert memory.cancel(running.id)
     box["ex"].gate.set()
-    memory.flush_sync()
+    memory.flush()
     info = memory.job(running.id)
     assert info.status == "cancelled" and "cancelled" in info.error
     assert memory.adapter_path() == before and before.joinpath(ADAPTER_WEIGHTS).read_bytes() == weights
@@ -112,7 +112,7 @@ def test_cancel_queued_job_through_its_handle(make_service):
     assert handle.cancel()
     assert handle.result(5).status == "cancelled"
     box["ex"].gate.set()
-    memory.flush_sync()
+    memory.flush()
     assert memory.job(queued_b[0].id).status == "cancelled"
     assert queued_b[0].id not in box["ex"].ran
     assert all(j.status == "done" for j in memory.jobs("a"))
@@ -127,7 +127,7 @@ def test_failing_job_is_recorded_and_later_jobs_still_run(make_service):
     overflow(memory, session="b")
     # Jobs wait until every turn is in: a failure seen mid-`overflow` would let the next turn replan "a".
     box["ex"].gate.set()
-    memory.flush_sync()
+    memory.flush()
     failed = memory.job(1)
     assert failed.status == "failed" and "RuntimeError: injected" in failed.error
     assert memory.adapter_path("a") is None
@@ -135,7 +135,7 @@ def test_failing_job_is_recorded_and_later_jobs_still_run(make_service):
     assert memory.adapter_path("b") is not None  # the worker lived on
     assert all(j.status == "done" for j in memory.jobs("b"))
     memory.add_messages(turn(9), session_id="a")  # the next turn plans again, oldest first
-    memory.flush_sync()
+    memory.flush()
     assert memory.adapter_path("a") is not None
     assert memory.transcript("a")[0].absorbed
 
@@ -143,7 +143,7 @@ def test_failing_job_is_recorded_and_later_jobs_still_run(make_service):
 def test_nan_loss_fails_the_job_and_keeps_the_previous_adapter(make_service, monkeypatch):
     memory = make_service()
     overflow(memory, turns=3)
-    memory.flush_sync()
+    memory.flush()
     before = memory.adapter_path()
     weights = before.joinpath(ADAPTER_WEIGHTS).read_bytes()
     from absorber_memory import losses
@@ -151,12 +151,12 @@ def test_nan_loss_fails_the_job_and_keeps_the_previous_adapter(make_service, mon
     monkeypatch.setattr(losses, "hidden_sync_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     memory.add_messages(turn(5))
     memory.add_messages(turn(6))
-    ended = memory.flush_sync()
+    ended = memory.flush()
     assert ended and ended[0].status == "failed" and "nan" in ended[0].error
     assert memory.adapter_path() == before and before.joinpath(ADAPTER_WEIGHTS).read_bytes() == weights
     monkeypatch.undo()
     memory.add_messages(turn(7))
-    assert {j.status for j in memory.flush_sync()} == {"done"}
+    assert {j.status for j in memory.flush()} == {"done"}
 
 
 def test_job_handle_can_be_awaited(make_service):
@@ -196,7 +196,7 @@ def test_jobs_run_from_a_json_payload_on_a_separate_engine(make_service, tokeniz
     box = {}
     memory = make_service(wrap=lambda inner: box.setdefault("ex", JsonRoundTrip()))
     ids = overflow(memory, turns=5)
-    memory.flush_sync()
+    memory.flush()
     assert box["ex"].payloads and all("tensor" not in p.lower() for p in box["ex"].payloads)
     assert memory.adapter_path() is not None
     assert {m.id for m in memory.transcript() if m.absorbed} < set(ids)
@@ -206,10 +206,10 @@ def test_adapter_lru_keeps_at_most_its_capacity(make_service):
     memory = make_service(max_loaded_adapters=2)
     for s in ["a", "b", "c"]:
         overflow(memory, session=s)
-    memory.flush_sync()
+    memory.flush()
     answers = {s: memory.generate(session_id=s) for s in ["a", "b", "c"]}
-    assert len(memory._cache.loaded()) == 2
-    assert memory._cache.stats.evictions >= 1
+    assert len(memory.adapters.loaded()) == 2
+    assert memory.adapters.stats.evictions >= 1
     started = time.perf_counter()
     assert {s: memory.generate(session_id=s) for s in ["c", "a", "b"]} == answers
     assert time.perf_counter() - started < 60

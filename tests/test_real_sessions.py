@@ -29,7 +29,7 @@ def test_background_absorption_on_the_default_model(absorber_home):
         memory.add_messages([{"role": "system", "content": SYSTEM_PROMPT}], session_id="p")
         for message in PERSONA_CHAT:
             memory.add_messages([message], session_id="p")
-        ended = memory.flush_sync()
+        ended = memory.flush()
         assert ended and all(j.status == "done" for j in ended)
         assert all(j.metrics["final_loss"] < j.metrics["initial_loss"] for j in ended)
         assert memory.window_tokens("p") <= 160

@@ -10,7 +10,7 @@ import pytest
 
 from absorber_memory import ParametricMemory, StorageError
 from absorber_memory.persistence import ADAPTER_WEIGHTS
-from absorber_memory.store import inside, session_key
+from absorber_memory.layout import inside, session_key
 from absorber_memory.testing import tiny_model
 
 from .conftest import FAST, turn
@@ -55,12 +55,12 @@ def test_a_pickled_adapter_planted_in_a_session_is_never_loaded(make_service, tm
     memory = make_service()
     for k in range(3):
         memory.add_messages(turn(k))
-    memory.flush_sync()
+    memory.flush()
     folder = memory.adapter_path()
     marker = tmp_path / "marker"
     (folder / ADAPTER_WEIGHTS).unlink()
     (folder / "adapter_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
-    memory._cache.evict(session_key("default"))
+    memory.adapters.evict(session_key("default"))
     with pytest.raises(StorageError, match="missing"):
         memory.generate()
     assert not marker.exists()
@@ -76,6 +76,6 @@ def test_hostile_session_ids_stay_inside(make_service, tmp_path):
     memory = make_service()
     for sid in ["../../escape", "/etc/passwd", "a/b/../../c", "..", "C:\\Windows", "ünïcødé 会话 🎉"]:
         memory.add_messages(turn(0), session_id=sid)
-        folder = memory.session_dir(sid)
+        folder = memory.layout.session_dir(sid)
         assert folder.parent == memory.data_dir / "sessions" and re.fullmatch(r"[0-9a-f]{32}", folder.name)
         assert memory.transcript(sid)[0].content == turn(0)[0]["content"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from absorber_memory import AbsorberMemory, InvalidMessageError, InvalidSessionError, StorageError
 from absorber_memory.chat import ChatFormat
 from absorber_memory.generation import generate_ids
-from absorber_memory.memory import lora_config
+from absorber_memory.config import lora_config
 from absorber_memory.persistence import ADAPTER_WEIGHTS, load_adapter_weights
 from absorber_memory.testing import tiny_model
 
@@ -62,7 +62,7 @@ async def test_four_sessions_interleaved_through_the_queue(make_service, tokeniz
             await asyncio.sleep(0)
 
     await asyncio.gather(*(talk(s, k) for k, s in enumerate(added)))
-    ended = await memory.flush()
+    ended = await memory.aflush()
     assert ended and all(j.status == "done" for j in ended)
     assert not [j for j in memory.jobs() if j.pending]
     for session, ids in added.items():
@@ -87,7 +87,7 @@ def test_jobs_interleave_fairly_across_sessions(make_service):
         memory.add_messages(turn(i), session_id="a")
     for i in range(6):
         memory.add_messages(turn(i), session_id="b")
-    memory.flush_sync()
+    memory.flush()
     order = [j.session_id for j in sorted(memory.jobs(), key=lambda j: j.started)]
     assert order.count("a") == order.count("b") >= 3
     # once both have work, no session runs twice in a row while the other waits
@@ -106,7 +106,7 @@ def test_generation_before_any_absorption_is_the_base_model(make_service, tokeni
 def test_restart_resumes_sessions_windows_and_adapters(make_service, tmp_path):
     memory = make_service()
     ids = [i for k in range(5) for i in memory.add_messages(turn(k), session_id="x", user_id="u1")]
-    memory.flush_sync()
+    memory.flush()
     answer, folder = memory.generate(QUESTION, session_id="x"), memory.adapter_path("x")
     window = [m.id for m in memory.window("x")]
     memory.close()
@@ -129,7 +129,7 @@ def test_restart_reruns_jobs_that_were_still_queued(make_service):
     third = make_service()
     pending = [j for j in third.jobs() if j.pending]
     assert len(third.jobs()) == len(planned) and (pending or all(j.status == "done" for j in third.jobs()))
-    third.flush_sync()
+    third.flush()
     assert all(j.status == "done" for j in third.jobs())
     check_invariants(third, "default", ids)
 
@@ -163,7 +163,7 @@ def test_session_ids_never_become_paths(make_service, tmp_path):
     for sid in ["../../escape", "/etc/passwd", "ünïcødé 会话", "a/b\\c"]:
         for k in range(4):
             memory.add_messages(turn(k), session_id=sid)
-    memory.flush_sync()
+    memory.flush()
     root = (tmp_path / "data").resolve()
     for sid in memory.sessions():
         folder = memory.adapter_path(sid).resolve()
@@ -204,8 +204,8 @@ def test_forget_deletes_everything_of_a_session(make_service, tmp_path):
     for k in range(5):
         memory.add_messages(turn(k), session_id="gone", user_id="u")
         memory.add_messages(turn(k), session_id="kept", user_id="v")
-    memory.flush_sync()
-    folder = memory.session_dir("gone")
+    memory.flush()
+    folder = memory.layout.session_dir("gone")
     assert folder.exists()
     assert memory.forget("gone") is True
     assert memory.forget("gone") is False
@@ -219,13 +219,13 @@ def test_forget_deletes_everything_of_a_session(make_service, tmp_path):
 def test_forget_messages_rebuilds_the_adapter_without_them(make_service):
     memory = make_service()
     ids = [i for k in range(6) for i in memory.add_messages(turn(k))]
-    memory.flush_sync()
+    memory.flush()
     old = memory.adapter_path()
     forgotten = ids[:2]
     assert all(m.absorbed for m in memory.transcript() if m.id in forgotten)
     memory.forget_messages("default", forgotten)
     assert memory.adapter_path() is None  # the old adapter held them: dropped at once
-    memory.flush_sync()
+    memory.flush()
     remaining = [i for i in ids if i not in forgotten]
     check_invariants(memory, "default", remaining)
     assert memory.adapter_path() is not None and memory.adapter_path() != old
@@ -248,7 +248,7 @@ def test_job_metrics_are_recorded(make_service):
     memory = make_service()
     for k in range(4):
         memory.add_messages(turn(k))
-    done = memory.flush_sync()
+    done = memory.flush()
     info = memory.job(done[0].id)
     assert info.status == "done" and info.adapter_version is not None
     m = info.metrics
@@ -300,8 +300,8 @@ def test_absorb_messages_absorbs_every_message_now(make_service):
     rows = [r for k in range(3) for r in turn(k)]
     handles = memory.absorb_messages(rows, session_id="s")
     assert handles and all(h.session_id == "s" for h in handles)
-    memory.flush_sync("s")
+    memory.flush("s")
     jobs = memory.jobs("s")
-    assert all(j.status == "done" for j in jobs) and jobs[-1].sync_ids == []  # the newest round: probes only
+    assert all(j.status == "done" for j in jobs) and jobs[-1].following_ids == []  # the newest round: probes only
     assert [m.absorbed for m in memory.transcript("s")] == [True] * 6 and memory.window("s") == []
     assert sorted(i for j in jobs for i in j.message_ids) == [m.id for m in memory.transcript("s")]

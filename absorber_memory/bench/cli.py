@@ -43,8 +43,8 @@ SETTINGS = {
 
 
 def _loader(model: str, device: str, threads: int | None) -> Any:
-    """A function rank -> fresh ParametricMemory (a new base model each call, so LoRA shapes can differ)."""
-    from ..memory import ParametricMemory
+    """A function rank -> fresh AbsorptionEngine (a new base model each call, so LoRA shapes can differ)."""
+    from ..engine import AbsorptionEngine
 
     def load(rank: int = 16) -> Any:
         config = dict(lora_rank=rank, lora_alpha=2.0 * rank, device=device, num_threads=threads, show_progress=False)
@@ -52,8 +52,8 @@ def _loader(model: str, device: str, threads: int | None) -> Any:
             from ..testing import tiny_model_and_tokenizer
 
             base, tok = tiny_model_and_tokenizer()
-            return ParametricMemory(base, tokenizer=tok, config=config)
-        return ParametricMemory(model, config=config)
+            return AbsorptionEngine(base, tokenizer=tok, config=config)
+        return AbsorptionEngine(model, config=config)
 
     return load
 
@@ -82,7 +82,7 @@ def _round_seconds(pm: Any, steps: int, probes: int, absorb_tokens: int, sync_to
     sync = [{"role": "user", "content": pm.tokenizer.decode(ids[absorb_tokens : absorb_tokens + sync_tokens])}]
     pm.reconfigure(losses={"l1": 1.0}, max_steps=steps, loss_threshold=0.0, probe_count=probes)
     start = time.perf_counter()
-    pm.absorb_turns([], context, [sync], n_probes=probes, base_teacher=True)
+    pm.run_round([], context, [sync], n_probes=probes, base_teacher=True)
     return time.perf_counter() - start
 
 

@@ -124,7 +124,7 @@ def run_method(pm: Any, method: Method, conv: Conversation, refs: list[Reference
     pm.reconfigure(**{**settings, **(overrides or {})})
     s_text = conv.window if sync is None else sync
     segments = [s_text] if method.loss != "lm" and s_text else []
-    report = pm.absorb_turns(prefix, conv.context, segments, n_probes=probes if method.probes else 0,
+    report = pm.run_round(prefix, conv.context, segments, n_probes=probes if method.probes else 0,
                              base_teacher=True)
     extra = {"final_loss": report.final_loss, "initial_loss": report.initial_loss, "steps": report.steps}
     seconds = time.perf_counter() - start

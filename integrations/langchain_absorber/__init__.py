@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
 
 from absorber_memory import __version__
 
-from .chat_message_histories import AbsorberChatMessageHistory
+from .chat_message_histories import AbsorberChatMessageHistory, session_history
 from .chat_models import ChatAbsorber
 from .llms import AbsorberLLM
 from .messages import parse_tool_calls, to_chat, to_chat_messages
@@ -44,6 +44,7 @@ __all__ = [
     "ChatAbsorber",
     "__version__",
     "parse_tool_calls",
+    "session_history",
     "to_chat",
     "to_chat_messages",
 ]

@@ -17,15 +17,14 @@ async methods run the same code on a worker thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
 
-from absorber_memory.sessions import DEFAULT_SESSION
-from absorber_memory.shared import resolve_memory
-from absorber_memory.store import check_id
+
+from absorber_memory import DEFAULT_SESSION, check_id, resolve_memory
 
 from .messages import from_chat, to_chat
 
@@ -92,3 +91,19 @@ class AbsorberChatMessageHistory(BaseChatMessageHistory):
 
     async def aclear(self) -> None:
         await asyncio.to_thread(self.clear)
+
+
+def session_history(memory: Any = None, *, user_id: str | None = None,
+                    system: str | None = None) -> Callable[[str], AbsorberChatMessageHistory]:
+    """A `get_session_history` for `RunnableWithMessageHistory`: session id -> its history on `memory`.
+
+    Args:
+        memory: the core `AbsorberMemory` (default: the process-wide shared one, built on first call).
+        user_id: owner of every session it opens.
+        system: the system prompt each session is given.
+    """
+
+    def get(session_id: str) -> AbsorberChatMessageHistory:
+        return AbsorberChatMessageHistory(memory, session_id, user_id=user_id, system=system)
+
+    return get

@@ -28,10 +28,8 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from absorber_memory import DEFAULT_MODEL, DEFAULT_SESSION, resolve_memory
 from absorber_memory.generation import TextStream, aiterate, sampling_settings
-from absorber_memory.models import DEFAULT_MODEL
-from absorber_memory.sessions import DEFAULT_SESSION
-from absorber_memory.shared import resolve_memory
 
 from .messages import parse_tool_calls, to_chat_messages, tool_choice_name
 

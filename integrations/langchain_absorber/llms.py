@@ -16,8 +16,8 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import LLM
 from langchain_core.outputs import GenerationChunk
 
+from absorber_memory import resolve_memory
 from absorber_memory.generation import TextStream, aiterate
-from absorber_memory.shared import resolve_memory
 
 from .chat_models import AbsorberParams
 

@@ -36,15 +36,12 @@ from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResp
 from langchain_core.messages import AnyMessage, RemoveMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from absorber_memory import DEFAULT_SESSION, check_id, resolve_memory
 from absorber_memory.errors import AbsorberError
-from absorber_memory.sessions import DEFAULT_SESSION
-from absorber_memory.shared import resolve_memory
-from absorber_memory.store import check_id
 
 from .chat_models import ChatAbsorber
 from .messages import from_chat, to_chat, to_chat_messages, tool_choice_name
 
-_PENDING = ("queued", "running")
 
 
 def thread_of(runtime: Any, default: str) -> str:
@@ -96,7 +93,7 @@ class AbsorptionMiddleware(AgentMiddleware):
                 msg.id = str(uuid.uuid4())
         thread = thread_of(runtime, self.session_id)
         rows = self._mirror(thread, messages)
-        claimed = {i for job in self.memory.jobs(thread) if job.status in _PENDING for i in job.message_ids}
+        claimed = {i for job in self.memory.jobs(thread) if job.pending for i in job.message_ids}
         cut = 0
         for msg in messages:
             row = rows.get(msg.id)

@@ -34,12 +34,12 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory.types import BaseMemory
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
+
+from absorber_memory import DEFAULT_SESSION, check_id
 from absorber_memory.chat import split_prefix
 from absorber_memory.errors import ConfigError
-from absorber_memory.sessions import DEFAULT_SESSION
-from absorber_memory.store import check_id
 
-from .handle import CoreHandle
+from .handle import CoreHandle, pick_memory
 from .messages import from_chat, to_chat_messages
 
 
@@ -47,7 +47,8 @@ class AbsorberMemory(CoreHandle, BaseMemory):
     """One session of the core `AbsorberMemory`, as LlamaIndex chat memory.
 
     Args:
-        core: the core `absorber_memory.AbsorberMemory` (default: the process-wide shared one).
+        memory: the core `absorber_memory.AbsorberMemory` (default: the process-wide
+            shared one; `core=` is the older, deprecated keyword).
         session_id: the conversation; give the `AbsorberLLM` the same one.
         user_id: owner of the session, for `core.forget_user`.
         system: the session's system prompt: returned first by `get` and the
@@ -73,32 +74,33 @@ class AbsorberMemory(CoreHandle, BaseMemory):
         return "AbsorberMemory"
 
     @classmethod
-    def from_defaults(cls, core: Any = None, *, session_id: str | None = None, user_id: str | None = None,
+    def from_defaults(cls, memory: Any = None, *, session_id: str | None = None, user_id: str | None = None,
                       system: str | None = None, chat_history: list[ChatMessage] | None = None,
                       llm: Any = None, token_limit: int | None = None, **kwargs: Any) -> AbsorberMemory:
         """Build one; given an `AbsorberLLM` as `llm`, share its core and session."""
+        memory = pick_memory(memory, kwargs.pop("core", None))
         if kwargs:
             raise ConfigError(f"AbsorberMemory.from_defaults got unexpected arguments: {sorted(kwargs)}")
         shared: dict[str, Any] = {}
         if llm is not None and isinstance(llm, CoreHandle):
             session_id = session_id or getattr(llm, "session_id", None)
-            if core is None:
-                core, shared = llm._core, {"core_spec": llm.core_spec}
-        memory = cls(core, session_id=session_id or DEFAULT_SESSION, user_id=user_id, system=system,
+            if memory is None:
+                memory, shared = llm.memory_if_open(), {"core_spec": llm.core_spec}
+        built = cls(memory, session_id=session_id or DEFAULT_SESSION, user_id=user_id, system=system,
                      token_limit=token_limit, **shared)
         if chat_history:
-            memory.set(chat_history)
-        return memory
+            built.set(chat_history)
+        return built
 
     def as_llm(self, **kwargs: Any) -> Any:
         """An `AbsorberLLM` on the same core and session (kwargs: its other fields)."""
         from .llms import AbsorberLLM
 
-        return AbsorberLLM(self.core, session_id=self.session_id, **kwargs)
+        return AbsorberLLM(self.memory, session_id=self.session_id, **kwargs)
 
     def _session(self) -> Any:
         """The core, with this memory's system prompt set as the session prefix (once per object)."""
-        core = self.core
+        core = self.memory
         if not self._prefix_set:
             if self.system is not None:
                 core.set_prefix(self.session_id, self.system)
@@ -111,7 +113,7 @@ class AbsorberMemory(CoreHandle, BaseMemory):
         core = self._session()
         reserve = max(0, int(initial_token_count))
         if self.token_limit is not None:
-            reserve += max(0, core._context_limit - self.token_limit)
+            reserve += max(0, core.context_limit - self.token_limit)
         prefix, rows = core.context_rows(self.session_id, reserve_tokens=reserve)
         return [from_chat(m) for m in prefix] + [from_chat(r.as_chat()) for r in rows]
 
@@ -152,5 +154,5 @@ class AbsorberMemory(CoreHandle, BaseMemory):
 
     def reset(self) -> None:
         """Forget the session: messages, pending jobs, adapters (`system`, if given, is set again on next use)."""
-        self.core.forget(self.session_id)
+        self.memory.forget(self.session_id)
         self._prefix_set = False

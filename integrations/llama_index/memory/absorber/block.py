@@ -25,7 +25,8 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory.memory import BaseMemoryBlock
 from pydantic import Field
 
-from absorber_memory.sessions import DEFAULT_SESSION
+
+from absorber_memory import DEFAULT_SESSION
 
 from .handle import CoreHandle
 from .messages import to_chat
@@ -35,7 +36,8 @@ class AbsorptionMemoryBlock(CoreHandle, BaseMemoryBlock[str]):
     """A `Memory` block that queues absorption of flushed turns into the session's adapter.
 
     Args:
-        core: the core `absorber_memory.AbsorberMemory` (default: the process-wide shared one).
+        memory: the core `absorber_memory.AbsorberMemory` (default: the process-wide
+            shared one; `core=` is the older, deprecated keyword).
         name: the block's name in `Memory`.
         system: a system prompt to set as the prefix of sessions it absorbs
             into (the prefix absorption trains under; give the agent the same).
@@ -64,7 +66,7 @@ class AbsorptionMemoryBlock(CoreHandle, BaseMemoryBlock[str]):
             await asyncio.to_thread(self._absorb, dict(by_session))
 
     def _absorb(self, by_session: dict[str, list[dict[str, str]]]) -> None:
-        core = self.core
+        core = self.memory
         for session_id, chat in by_session.items():
             if self.system is not None:
                 core.set_prefix(session_id, self.system)

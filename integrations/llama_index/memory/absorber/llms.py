@@ -28,7 +28,8 @@ from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field
 
 from absorber_memory.generation import TextStream, aiterate, sampling_settings
-from absorber_memory.sessions import DEFAULT_SESSION
+
+from absorber_memory import DEFAULT_SESSION
 
 from .handle import CoreHandle
 from .messages import to_chat_messages
@@ -37,7 +38,8 @@ class AbsorberLLM(CoreHandle, CustomLLM):
     """LlamaIndex LLM over an `AbsorberMemory` core, answering with a session's adapter.
 
     Args:
-        core: the core `absorber_memory.AbsorberMemory` (default: the process-wide shared one).
+        memory: the core `absorber_memory.AbsorberMemory` (default: the process-wide
+            shared one; `core=` is the older, deprecated keyword).
         session_id: whose adapter to use (the same as the memory's).
         max_tokens: most new tokens per answer (default: the core's `max_new_tokens`).
         temperature: 0 (default) decodes greedily; above 0 samples.
@@ -53,8 +55,8 @@ class AbsorberLLM(CoreHandle, CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        core = self._core
-        window = getattr(core, "_context_limit", None) if core is not None else None
+        core = self.memory_if_open()
+        window = core.context_limit if core is not None else None
         return LLMMetadata(
             context_window=window or 8192,
             num_output=self.max_tokens or (core.config.max_new_tokens if core is not None else 128),
@@ -67,7 +69,7 @@ class AbsorberLLM(CoreHandle, CustomLLM):
     def _stream(self, prompt: list[dict[str, str]] | str, kwargs: dict[str, Any]) -> TextStream:
         settings = sampling_settings(kwargs.pop("temperature", self.temperature))
         kwargs.pop("formatted", None)
-        return self.core.stream(prompt, session_id=kwargs.pop("session_id", self.session_id),
+        return self.memory.stream(prompt, session_id=kwargs.pop("session_id", self.session_id),
                                 max_new_tokens=kwargs.pop("max_tokens", self.max_tokens), **settings)
 
     # --- completion ---------------------------------------------------------------------

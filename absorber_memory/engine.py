@@ -1,0 +1,183 @@
+"""`AbsorptionEngine`: a base model with one trainable LoRA adapter, and one absorption round.
+
+The part that knows tensors and adapters and nothing about sessions,
+transcripts or storage. It loads (or wraps) a base model, injects one LoRA
+adapter, and offers what everything above it needs: reset, load and save the
+adapter's weights; run one absorption round (teacher answers to the probes,
+then Algorithm 1, `absorber.py`); generate with the adapter on or off.
+
+Who drives it: `ParametricMemory` (one conversation, in the foreground),
+the executors (`executor.py`: one engine per training replica or worker)
+and the benchmark harness (`reconfigure` between settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .absorber import Absorber, AbsorptionReport
+from .chat import ChatFormat, Message
+from .config import AbsorberConfig, as_config, lora_config
+from .errors import ConfigError
+from .generation import generate_batch_ids, generate_text
+from .jobs import StepCallback
+from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit
+from .persistence import load_adapter_weights, save_adapter
+from .probes import chained_probe_segment, pick_probes, probe_segments
+
+log = logging.getLogger(__name__)
+
+#: The name of the engine's one adapter inside its PEFT model.
+ADAPTER = "default"
+
+
+class AbsorptionEngine:
+    """A PEFT model with one adapter that absorption rounds train in place.
+
+    Args:
+        model: "smollm2-135m-instruct" (default, embedded), a Hugging Face id,
+            a local path, or a loaded `PreTrainedModel` (LoRA layers are
+            injected into it in place).
+        tokenizer: required when `model` is a loaded model.
+        config: an `AbsorberConfig` or a dict of its fields.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | Any = DEFAULT_MODEL,
+        *,
+        tokenizer: Any | None = None,
+        config: AbsorberConfig | dict[str, Any] | None = None,
+    ) -> None:
+        from peft import get_peft_model
+
+        self.config = as_config(config)
+        base, tokenizer = base_model(model, tokenizer, self.config)
+        #: Most conversation tokens one prompt may hold (see `models.prompt_limit`).
+        self.limit = prompt_limit(self.config, base)
+        self.base_identity = model_identity(base)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.model = get_peft_model(base, lora_config(self.config), adapter_name=ADAPTER)
+        self.model.eval()
+        self.tokenizer = tokenizer
+        self.fmt = ChatFormat(tokenizer)
+        self.absorber = Absorber(self.model, self.fmt, self.config)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Within this block the model is the frozen base model."""
+        with self.model.disable_adapter():
+            yield
+
+    # --- the adapter's weights ------------------------------------------------------------
+    def reset_adapter(self) -> None:
+        """Re-initialise the adapter as new (B = 0, so the model equals the base), seeded by `seed`."""
+        from peft.tuners.lora import LoraLayer
+
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(self.config.seed)
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                    module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+
+    def load_adapter(self, folder: str | Path) -> None:
+        """Replace the adapter's weights with a PEFT folder's (shapes and values checked)."""
+        load_adapter_weights(self.model, ADAPTER, Path(folder))
+
+    def save_adapter(self, folder: str | Path) -> None:
+        """Write the adapter as a PEFT folder (not atomic; see `persistence.atomic_write_dir`)."""
+        save_adapter(self.model, ADAPTER, Path(folder))
+
+    def reconfigure(self, **overrides: Any) -> None:
+        """Apply new training settings (lr, steps, losses, probes, ...) and start a fresh adapter.
+
+        For experiments that compare settings on one loaded model. The LoRA
+        shape (`lora_*` fields) is fixed when the adapter is built: build a new
+        engine to change it.
+        """
+        config = AbsorberConfig(**{**self.config.model_dump(), **overrides})
+        limit = prompt_limit(config, self.model.get_base_model())
+        changed = sorted(k for k in overrides if k.startswith("lora_") and getattr(config, k) != getattr(self.config, k))
+        if changed:
+            raise ConfigError(f"{changed} shape the adapter and cannot change after it is built; load a new memory")
+        self.config, self.limit = config, limit
+        self.absorber = Absorber(self.model, self.fmt, config)
+        self.reset_adapter()
+
+    # --- one absorption round -------------------------------------------------------------
+    def run_round(
+        self,
+        prefix: list[Message],
+        context: list[Message],
+        segments: list[list[Message]] | None = None,
+        *,
+        n_probes: int,
+        following: list[Message] | None = None,
+        base_teacher: bool,
+        round_index: int = 0,
+        on_step: StepCallback | None = None,
+    ) -> AbsorptionReport:
+        """Absorb `context` into the adapter: probe answers from the teacher, then Algorithm 1.
+
+        Messages must already be validated.
+
+        Args:
+            prefix: system message(s), read by teacher and student, never absorbed.
+            context: C.
+            segments: given sync segments S (may be empty).
+            n_probes: probes to generate and answer with the teacher.
+            following: the turns after C; when given, the probes are asked after them in one segment.
+            base_teacher: the teacher is the frozen model (no absorption yet) rather than the current adapter.
+            round_index: which absorption this is (rotates the probe prompts).
+            on_step: `on_step(step, loss)` after each loss; may raise to cancel (the adapter rolls back).
+        """
+        start = time.perf_counter()
+        prompts = pick_probes(self.config.probe_prompts, n_probes, round_index)
+        max_new = self.config.probe_max_new_tokens
+
+        def answer(question: list[Message]) -> str:
+            return self.generate(prefix, context + question, max_new, base=base_teacher)
+
+        def answer_all(questions: list[list[Message]]) -> list[str]:
+            return self.generate_all(prefix, [context + q for q in questions], max_new, base=base_teacher)
+
+        segments = list(segments or [])
+        if following:
+            segments.append(chained_probe_segment(answer, prompts, following))
+        else:
+            segments += probe_segments(answer_all, prompts)
+        report = self.absorber.absorb(
+            prefix, context, segments, base_teacher=base_teacher, probes=len(prompts),
+            teacher_seconds=time.perf_counter() - start, on_step=on_step,
+        )
+        log.info("absorbed %d tokens in %d steps (%.1f s), loss %.4f -> %.4f", report.context_tokens,
+                 report.steps, report.seconds, report.initial_loss, report.final_loss)
+        return report
+
+    # --- generation -----------------------------------------------------------------------
+    def scope(self, base: bool) -> contextlib.AbstractContextManager[Any]:
+        """The frozen base model (`base`) or the model with the adapter on, as a context manager."""
+        return self.model.disable_adapter() if base else contextlib.nullcontext()
+
+    def generate(self, prefix: list[Message], messages: list[Message], max_new_tokens: int, *, base: bool = False,
+                 **kwargs: Any) -> str:
+        """Answer `messages` under `prefix` with the adapter on (or the frozen model, with `base`)."""
+        ids = self.fmt.encode(prefix, messages, add_generation_prompt=True)
+        with self.scope(base):
+            return generate_text(self.model, self.tokenizer, ids, max_new_tokens, **kwargs)
+
+    def generate_all(self, prefix: list[Message], conversations: list[list[Message]], max_new_tokens: int, *,
+                     base: bool = False) -> list[str]:
+        """`generate` for several conversations at once (greedy, one left-padded batch)."""
+        ids = [self.fmt.encode(prefix, messages, add_generation_prompt=True) for messages in conversations]
+        with self.scope(base):
+            new = generate_batch_ids(self.model, self.tokenizer, ids, max_new_tokens)
+        return [self.tokenizer.decode(n, skip_special_tokens=True) for n in new]
