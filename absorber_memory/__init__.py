@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .absorber import AbsorptionReport
 from .config import AbsorberConfig
+from .engine import AbsorptionEngine
 from .errors import (
     AbsorberError,
     AbsorptionError,
@@ -23,7 +24,6 @@ from .errors import (
     StorageError,
     TemplateError,
 )
-from .engine import AbsorptionEngine
 from .executor import LocalExecutor, run_job
 from .generation import TextStream
 from .jobs import Executor, JobInfo, JobResult, JobSpec, JobStatus

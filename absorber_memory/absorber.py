@@ -26,8 +26,8 @@ import contextlib
 import itertools
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -76,7 +76,8 @@ class _Batch:
 def _gather(states: tuple[torch.Tensor, ...], starts: list[int], lengths: list[int]) -> list[torch.Tensor]:
     """Per layer, the `[T, H]` states at each row's span `[start, start + length)`, rows concatenated."""
     return [
-        torch.cat([layer[row, s : s + n] for row, (s, n) in enumerate(zip(starts, lengths))]) for layer in states
+        torch.cat([layer[row, s : s + n] for row, (s, n) in enumerate(zip(starts, lengths, strict=True))])
+        for layer in states
     ]
 
 
@@ -127,8 +128,11 @@ def _lora_layers(model: Any, adapter: str) -> list[Any]:
 
 def trainable_lora_parameters(model: Any, adapter: str) -> list[torch.nn.Parameter]:
     """The LoRA weights of `adapter`; they alone get gradients, everything else is frozen."""
-    mine = {id(p) for layer in _lora_layers(model, adapter)
-            for p in (*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters())}
+    mine = {
+        id(p)
+        for layer in _lora_layers(model, adapter)
+        for p in (*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters())
+    }
     params = []
     for param in model.parameters():
         param.requires_grad_(id(param) in mine)
@@ -141,8 +145,9 @@ def trainable_lora_parameters(model: Any, adapter: str) -> list[torch.nn.Paramet
 
 def lora_factors(model: Any, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """`(A, B, scale)` of every module `adapter` adapts (for the update penalty)."""
-    return [(m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.scaling[adapter])
-            for m in _lora_layers(model, adapter)]
+    return [
+        (m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.scaling[adapter]) for m in _lora_layers(model, adapter)
+    ]
 
 
 class Absorber:
@@ -191,8 +196,14 @@ class Absorber:
         logits = _gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None
         return states, logits
 
-    def _loss(self, batch: _Batch, targets: list[torch.Tensor] | None, teacher_logits: torch.Tensor | None,
-              adapter: str, rows: list[int]) -> torch.Tensor:
+    def _loss(
+        self,
+        batch: _Batch,
+        targets: list[torch.Tensor] | None,
+        teacher_logits: torch.Tensor | None,
+        adapter: str,
+        rows: list[int],
+    ) -> torch.Tensor:
         weights = self.config.losses
         terms: dict[str, torch.Tensor] = {}
         if targets is not None:
@@ -278,14 +289,15 @@ class Absorber:
                 # Clip (or with clipping off, only measure): a non-finite norm means exploding gradients.
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                 if not torch.isfinite(norm):
-                    raise AbsorptionError(f"gradient norm became {float(norm)} at step {step} "
-                                          "(exploding gradients); adapter rolled back")
+                    raise AbsorptionError(
+                        f"gradient norm became {float(norm)} at step {step} (exploding gradients); adapter rolled back"
+                    )
                 optimizer.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
         except BaseException:
             with torch.no_grad():
-                for p, saved in zip(params, snapshot):
+                for p, saved in zip(params, snapshot, strict=True):
                     p.copy_(saved)
             raise
         finally:

@@ -55,16 +55,18 @@ def content_text(content: Any, where: str = "message") -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, (list, tuple)):
-        raise InvalidMessageError(f"`{where}.content` must be a string or a list of content parts, "
-                                  f"got {type(content).__name__}")
+        raise InvalidMessageError(
+            f"`{where}.content` must be a string or a list of content parts, got {type(content).__name__}"
+        )
     texts, skipped = [], []
     for j, part in enumerate(content):
         if isinstance(part, str):
             texts.append(part)
         elif isinstance(part, dict) and part.get("type") in TEXT_PART_TYPES:
             if not isinstance(part.get("text"), str):
-                raise InvalidMessageError(f"`{where}.content[{j}].text` must be a string, "
-                                          f"got {type(part.get('text')).__name__}")
+                raise InvalidMessageError(
+                    f"`{where}.content[{j}].text` must be a string, got {type(part.get('text')).__name__}"
+                )
             texts.append(part["text"])
         else:
             skipped.append(str(part.get("type")) if isinstance(part, dict) else type(part).__name__)
@@ -75,8 +77,11 @@ def content_text(content: Any, where: str = "message") -> str:
 def warn_skipped(where: str, kinds: list[str]) -> None:
     """Warn that non-text content parts of a message were left out of the memory."""
     if kinds:
-        warnings.warn(f"{where}: skipped {len(kinds)} non-text content part(s) {sorted(set(kinds))}; "
-                      "only text is remembered", SkippedContentWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: skipped {len(kinds)} non-text content part(s) {sorted(set(kinds))}; only text is remembered",
+            SkippedContentWarning,
+            stacklevel=3,
+        )
 
 
 def check_text(text: str, where: str) -> str:
@@ -86,8 +91,9 @@ def check_text(text: str, where: str) -> str:
     are kept exactly as given.
     """
     if "\x00" in text:
-        raise InvalidMessageError(f"`{where}` contains a NUL character at position {text.index(chr(0))}; "
-                                  "NUL is not text (binary data?)")
+        raise InvalidMessageError(
+            f"`{where}` contains a NUL character at position {text.index(chr(0))}; NUL is not text (binary data?)"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -167,6 +173,30 @@ def split_prefix(messages: list[Message], *, name: str = "messages") -> tuple[li
     return messages[:n], messages[n:]
 
 
+def system_messages(system: Any) -> list[Message]:
+    """A session prefix from a string or a list of system messages (anything else is refused)."""
+    wanted = validate_messages(
+        [{"role": "system", "content": system}] if isinstance(system, str) else system, name="system"
+    )
+    if any(m["role"] != "system" for m in wanted):
+        raise InvalidMessageError("`system` must hold only system messages")
+    return wanted
+
+
+def check_keys(keys: Any, count: int) -> list[str | None] | None:
+    """Callers' ids for `count` messages: None, or a list of that many strings or Nones."""
+    if keys is not None and (len(keys) != count or not all(k is None or isinstance(k, str) for k in keys)):
+        raise InvalidMessageError(f"`keys` must be a list of {count} strings or None, got {keys!r}")
+    return keys
+
+
+def check_message_ids(message_ids: Any) -> list[int]:
+    """A list of message ids (ints), or `InvalidMessageError` naming what was given."""
+    if not isinstance(message_ids, (list, tuple, set)) or not all(type(i) is int for i in message_ids):
+        raise InvalidMessageError(f"`message_ids` must be a list of ints, got {message_ids!r}")
+    return list(message_ids)
+
+
 class ChatFormat:
     """Renders and tokenizes messages piecewise with a tokenizer's chat template."""
 
@@ -194,7 +224,7 @@ class ChatFormat:
                 f"the chat template is not concatenative ({what} changes earlier text); "
                 "absorber-memory needs a template that renders messages one after another"
             )
-        return longer[len(shorter):]
+        return longer[len(shorter) :]
 
     def message_text(self, message: Message) -> str:
         """The text one message contributes when it is not the first one."""

@@ -16,8 +16,8 @@ import sys
 def _info() -> int:
     import torch
 
-    from .models import DEFAULT_MODEL, absorber_home, embedded_gguf_path, resolve_device
     from .errors import ModelLoadError
+    from .models import DEFAULT_MODEL, absorber_home, embedded_gguf_path, resolve_device
 
     try:
         gguf = str(embedded_gguf_path())

@@ -80,7 +80,9 @@ class AbsorberConfig(BaseModel):
         description="Weighted loss mix; names: l1, mse (hidden-state sync), logit_kl, lm (TTT baseline).",
     )
     sync_batch_segments: int | None = Field(
-        None, gt=0, le=4096,
+        None,
+        gt=0,
+        le=4096,
         description="Sync segments per optimizer step (None: all every step); more make each step a shuffled subset.",
     )
     update_penalty: Literal["none", "l1", "l2"] = Field(
@@ -109,9 +111,12 @@ class AbsorberConfig(BaseModel):
 
     # --- many sessions (AbsorberMemory) -------------------------------------------
     absorb_workers: int = Field(1, ge=1, le=64, description="Training threads (each a replica sharing base weights).")
-    max_loaded_adapters: int = Field(8, ge=1, le=10_000, description="Session adapters kept loaded for inference (LRU).")
+    max_loaded_adapters: int = Field(
+        8, ge=1, le=10_000, description="Session adapters kept loaded for inference (LRU)."
+    )
     context_tokens: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Most window tokens put in a prompt while absorption catches up, and the longest message accepted "
         "(None: model context - max_new_tokens).",
     )
@@ -172,7 +177,7 @@ def lora_config(config: AbsorberConfig) -> Any:
 
     return LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, scales by alpha / r: floats work
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_targets,
         bias="none",

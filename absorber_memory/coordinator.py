@@ -25,7 +25,7 @@ from typing import Any
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
 from .errors import InvalidMessageError, JobCancelled
-from .jobs import PENDING, JobInfo, JobResult, JobSpec, JobStatus
+from .jobs import PENDING, Executor, JobInfo, JobResult, JobSpec, JobStatus
 from .layout import SessionLayout
 from .queue import AbsorptionQueue, JobHandle
 from .store import JobRow, Store
@@ -46,23 +46,38 @@ class JobCoordinator:
         lock: the owner's lock: planning and committing never interleave with its writes.
     """
 
-    def __init__(self, store: Store, layout: SessionLayout, config: AbsorberConfig, fmt: ChatFormat,
-                 model_name: str | None, lock: threading.RLock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        layout: SessionLayout,
+        config: AbsorberConfig,
+        fmt: ChatFormat,
+        model_name: str | None,
+        lock: threading.RLock,
+    ) -> None:
         self.store, self.layout, self.config, self.fmt = store, layout, config, fmt
         self.model_name = model_name
         self.lock = lock
         self.queue: AbsorptionQueue | None = None
         self._specs: dict[int, JobSpec] = {}
 
-    def attach(self, queue: AbsorptionQueue) -> None:
-        """Start serving `queue` (built with this coordinator as its hooks) and resubmit stored pending jobs."""
-        self.queue = queue
+    def start(self, executor: Executor, workers: int) -> AbsorptionQueue:
+        """Start the queue's workers, resubmit stored pending jobs, and (with `auto_absorb`) plan every session.
+
+        Planning on start covers overflow stored just before a crash (the add
+        committed, its jobs never queued) and messages whose adapter recovery
+        had to drop.
+        """
+        self.queue = AbsorptionQueue(executor, self, workers=workers)
         for job in self.store.jobs(statuses=PENDING):
-            queue.submit(job.id, job.session_id)
+            self.queue.submit(job.id, job.session_id)
+        for sid in self.store.sessions() if self.config.auto_absorb else ():
+            self.schedule(sid)
+        return self.queue
 
     def _queue(self) -> AbsorptionQueue:
         if self.queue is None:
-            raise RuntimeError("the coordinator has no queue yet (call `attach`)")
+            raise RuntimeError("the coordinator has no queue yet (call `start`)")
         return self.queue
 
     # --- planning ------------------------------------------------------------------------------
@@ -70,14 +85,21 @@ class JobCoordinator:
         """Queue absorption rounds for the session's unclaimed overflow (all of it with `everything`)."""
         with self.lock:
             claimed = [i for job in self.store.jobs(session_id, PENDING) for i in job.context_ids]
-            free = [m for m in self.store.messages(session_id, window_only=True)
-                    if m.role != "system" and m.id > max(claimed, default=0)]
+            free = [
+                m
+                for m in self.store.messages(session_id, window_only=True)
+                if m.role != "system" and m.id > max(claimed, default=0)
+            ]
             cfg, rounds = self.config, []
             while True:
-                plan = plan_absorption([self.fmt.count(m.as_chat()) for m in free], [m.role for m in free],
-                                       window_tokens=0 if everything else cfg.window_tokens,
-                                       absorb_tokens=cfg.absorb_tokens, sync_tokens=cfg.sync_tokens,
-                                       keep_newest=not everything)
+                plan = plan_absorption(
+                    [self.fmt.count(m.as_chat()) for m in free],
+                    [m.role for m in free],
+                    window_tokens=0 if everything else cfg.window_tokens,
+                    absorb_tokens=cfg.absorb_tokens,
+                    sync_tokens=cfg.sync_tokens,
+                    keep_newest=not everything,
+                )
                 if plan is None:
                     break
                 following = free[plan.absorb : plan.absorb + plan.sync]
@@ -149,16 +171,22 @@ class JobCoordinator:
                 raise JobCancelled(f"job {job_id} was deleted before it started")
             job, session, version = claimed
             base = session.adapter_version
-            prefix: list[Message] = [m.as_chat() for m in self.store.messages(job.session_id, window_only=True)
-                                     if m.role == "system"]
+            prefix: list[Message] = [
+                m.as_chat() for m in self.store.messages(job.session_id, window_only=True) if m.role == "system"
+            ]
             spec = JobSpec(
-                job_id=job_id, session_id=job.session_id, model=self.model_name,
-                config=self.config.model_dump(mode="json"), prefix=prefix,
+                job_id=job_id,
+                session_id=job.session_id,
+                model=self.model_name,
+                config=self.config.model_dump(mode="json"),
+                prefix=prefix,
                 context=[msgs[i].as_chat() for i in job.context_ids],
                 following=[msgs[i].as_chat() for i in job.following_ids],
                 base_adapter=None if base is None else str(self.layout.adapter_dir(job.session_id, base)),
-                base_version=base, output=str(self.layout.adapter_dir(job.session_id, version)),
-                version=version, round_index=session.rounds,
+                base_version=base,
+                output=str(self.layout.adapter_dir(job.session_id, version)),
+                version=version,
+                round_index=session.rounds,
             )
             self._specs[job_id] = spec
         return spec
@@ -168,8 +196,12 @@ class JobCoordinator:
         with self.lock:
             spec = self._specs.pop(job_id)
             job, session = self.store.job(job_id), self.store.session(spec.session_id)
-            if (job is None or job.status != JobStatus.RUNNING or session is None
-                    or session.adapter_version != spec.base_version):
+            if (
+                job is None
+                or job.status != JobStatus.RUNNING
+                or session is None
+                or session.adapter_version != spec.base_version
+            ):
                 self.layout.remove_version(spec.session_id, result.version)
                 raise JobCancelled(f"job {job_id}: its session changed while it ran; result discarded")
             commit_version(self.store, self.layout, job, result.version, result.report, spec.base_version)
@@ -188,32 +220,60 @@ class JobCoordinator:
                 return
             self.store.end_job(job_id, JobStatus(status), error)
         if status == JobStatus.FAILED:
-            log.warning("session %r: job %d failed (%s); its messages stay in the window", job.session_id, job_id, error)
+            log.warning(
+                "session %r: job %d failed (%s); its messages stay in the window", job.session_id, job_id, error
+            )
         self._queue().drop_queued(job.session_id, f"an earlier job of this session ({job_id}) was {status}")
 
     def info(self, job_id: int) -> JobInfo:
         """A job's state, with live step/loss while it runs."""
         row = self.store.job(job_id)
         if row is None:
-            return JobInfo(id=job_id, session_id="", status=JobStatus.CANCELLED, message_ids=[], following_ids=[],
-                           created=0.0, error="job deleted (its session or messages were forgotten)")
+            return JobInfo(
+                id=job_id,
+                session_id="",
+                status=JobStatus.CANCELLED,
+                message_ids=[],
+                following_ids=[],
+                created=0.0,
+                error="job deleted (its session or messages were forgotten)",
+            )
         return self.describe(row)
 
     def describe(self, row: JobRow) -> JobInfo:
         running = row.status == JobStatus.RUNNING and self.queue is not None
         step, loss = (self._queue().progress(row.id) or (None, None)) if running else (None, None)
-        return JobInfo(id=row.id, session_id=row.session_id, status=row.status, message_ids=row.context_ids,
-                       following_ids=row.following_ids, created=row.created, started=row.started,
-                       finished=row.finished, error=row.error, step=step, loss=loss,
-                       adapter_version=row.adapter_version, metrics=row.metrics or {})
+        return JobInfo(
+            id=row.id,
+            session_id=row.session_id,
+            status=row.status,
+            message_ids=row.context_ids,
+            following_ids=row.following_ids,
+            created=row.created,
+            started=row.started,
+            finished=row.finished,
+            error=row.error,
+            step=step,
+            loss=loss,
+            adapter_version=row.adapter_version,
+            metrics=row.metrics or {},
+        )
 
 
-def commit_version(store: Store, layout: SessionLayout, job: JobRow, version: int, report: dict[str, Any],
-                   previous: int | None) -> None:
+def commit_version(
+    store: Store, layout: SessionLayout, job: JobRow, version: int, report: dict[str, Any], previous: int | None
+) -> None:
     """Make adapter `version` (already durable on disk) the session's, then delete the `previous` folder."""
     store.commit_job(job, version, report)
     if previous is not None:
         layout.remove_version(job.session_id, previous)
-    log.info("session %r: job %d absorbed %d messages (%s tokens, %s steps, %.1f s) into v%d", job.session_id,
-             job.id, len(job.context_ids), report.get("context_tokens"), report.get("steps"),
-             report.get("seconds", 0.0), version)
+    log.info(
+        "session %r: job %d absorbed %d messages (%s tokens, %s steps, %.1f s) into v%d",
+        job.session_id,
+        job.id,
+        len(job.context_ids),
+        report.get("context_tokens"),
+        report.get("steps"),
+        report.get("seconds", 0.0),
+        version,
+    )

@@ -24,8 +24,10 @@ PERSONA_CHAT: list[dict[str, str]] = [
     {"role": "assistant", "content": "That sounds fascinating. Octopuses are remarkably clever animals."},
     {"role": "user", "content": "They are! At home I have a grey cat called Pixel who is fourteen years old."},
     {"role": "assistant", "content": "Pixel sounds like a wise old cat. How is Pixel handling the move?"},
-    {"role": "user", "content": "Not bad. My sister Lena is getting married on the 3rd of June in Porto, "
-                                "and I'm giving a speech."},
+    {
+        "role": "user",
+        "content": "Not bad. My sister Lena is getting married on the 3rd of June in Porto, and I'm giving a speech.",
+    },
     {"role": "assistant", "content": "Congratulations to Lena! A wedding speech in Porto, how exciting."},
     {"role": "user", "content": "I'm allergic to peanuts, so I need to check the wedding menu carefully."},
     {"role": "assistant", "content": "Good idea. I'll keep your peanut allergy in mind."},
@@ -50,7 +52,7 @@ DEMO_SETTINGS: dict[str, Any] = dict(window_tokens=160, absorb_tokens=128, sync_
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
-    return " | ".join(c.ljust(w) for c, w in zip(cells, widths))
+    return " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
 
 
 def _clip(text: str, width: int) -> str:
@@ -71,8 +73,11 @@ def run_demo(model: str | None = None, **overrides: Any) -> dict[str, Any]:
     for message in PERSONA_CHAT + FOLLOW_UP:
         print(f"  {message['role']:>9}: {message['content']}", flush=True)
         for r in pm.add_messages([message]):
-            print(f"  [absorbed {r.context_tokens} tokens in {r.steps} steps, {r.seconds:.1f} s, "
-                  f"loss {r.initial_loss:.3f} -> {r.final_loss:.3f}]", flush=True)
+            print(
+                f"  [absorbed {r.context_tokens} tokens in {r.steps} steps, {r.seconds:.1f} s, "
+                f"loss {r.initial_loss:.3f} -> {r.final_loss:.3f}]",
+                flush=True,
+            )
     absorb_seconds = time.perf_counter() - started
     print("Measuring fidelity on held-out questions ...", flush=True)
     fid = fidelity(pm, HELD_OUT_QUERIES, answers=True)
@@ -97,8 +102,19 @@ def run_demo(model: str | None = None, **overrides: Any) -> dict[str, Any]:
     print("\n" + _row(["question", "full context", "absorbed (no context)", "dropped (no context)"], widths))
     print("-" * 136)
     for row in fid.per_query:
-        print(_row([_clip(row["query"], 28), _clip(row["answer_full"], 34),
-                    _clip(row["answer_absorbed"], 34), _clip(row["answer_dropped"], 34)], widths))
-    print("\nAnswers come from a 135M model, so they are often wrong even with full context;"
-          "\nfidelity measures how closely the absorbed model tracks the full-context one.")
+        print(
+            _row(
+                [
+                    _clip(row["query"], 28),
+                    _clip(row["answer_full"], 34),
+                    _clip(row["answer_absorbed"], 34),
+                    _clip(row["answer_dropped"], 34),
+                ],
+                widths,
+            )
+        )
+    print(
+        "\nAnswers come from a 135M model, so they are often wrong even with full context;"
+        "\nfidelity measures how closely the absorbed model tracks the full-context one."
+    )
     return {"summary": summary, "fidelity": fid.to_dict()}

@@ -105,7 +105,9 @@ class AbsorptionEngine:
         """
         config = AbsorberConfig(**{**self.config.model_dump(), **overrides})
         limit = prompt_limit(config, self.model.get_base_model())
-        changed = sorted(k for k in overrides if k.startswith("lora_") and getattr(config, k) != getattr(self.config, k))
+        changed = sorted(
+            k for k in overrides if k.startswith("lora_") and getattr(config, k) != getattr(self.config, k)
+        )
         if changed:
             raise ConfigError(f"{changed} shape the adapter and cannot change after it is built; load a new memory")
         self.config, self.limit = config, limit
@@ -155,11 +157,22 @@ class AbsorptionEngine:
         else:
             segments += probe_segments(answer_all, prompts)
         report = self.absorber.absorb(
-            prefix, context, segments, base_teacher=base_teacher, probes=len(prompts),
-            teacher_seconds=time.perf_counter() - start, on_step=on_step,
+            prefix,
+            context,
+            segments,
+            base_teacher=base_teacher,
+            probes=len(prompts),
+            teacher_seconds=time.perf_counter() - start,
+            on_step=on_step,
         )
-        log.info("absorbed %d tokens in %d steps (%.1f s), loss %.4f -> %.4f", report.context_tokens,
-                 report.steps, report.seconds, report.initial_loss, report.final_loss)
+        log.info(
+            "absorbed %d tokens in %d steps (%.1f s), loss %.4f -> %.4f",
+            report.context_tokens,
+            report.steps,
+            report.seconds,
+            report.initial_loss,
+            report.final_loss,
+        )
         return report
 
     # --- generation -----------------------------------------------------------------------
@@ -167,15 +180,17 @@ class AbsorptionEngine:
         """The frozen base model (`base`) or the model with the adapter on, as a context manager."""
         return self.model.disable_adapter() if base else contextlib.nullcontext()
 
-    def generate(self, prefix: list[Message], messages: list[Message], max_new_tokens: int, *, base: bool = False,
-                 **kwargs: Any) -> str:
+    def generate(
+        self, prefix: list[Message], messages: list[Message], max_new_tokens: int, *, base: bool = False, **kwargs: Any
+    ) -> str:
         """Answer `messages` under `prefix` with the adapter on (or the frozen model, with `base`)."""
         ids = self.fmt.encode(prefix, messages, add_generation_prompt=True)
         with self.scope(base):
             return generate_text(self.model, self.tokenizer, ids, max_new_tokens, **kwargs)
 
-    def generate_all(self, prefix: list[Message], conversations: list[list[Message]], max_new_tokens: int, *,
-                     base: bool = False) -> list[str]:
+    def generate_all(
+        self, prefix: list[Message], conversations: list[list[Message]], max_new_tokens: int, *, base: bool = False
+    ) -> list[str]:
         """`generate` for several conversations at once (greedy, one left-padded batch)."""
         ids = [self.fmt.encode(prefix, messages, add_generation_prompt=True) for messages in conversations]
         with self.scope(base):

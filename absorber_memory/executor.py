@@ -28,8 +28,7 @@ from .layout import JOB_MARKER
 from .models import replica
 from .persistence import atomic_write_dir, write_json
 
-__all__ = ["JOB_MARKER", "Executor", "JobResult", "JobSpec", "LocalExecutor", "StepCallback", "build_engine",
-           "run_job"]
+__all__ = ["JOB_MARKER", "Executor", "JobResult", "JobSpec", "LocalExecutor", "StepCallback", "build_engine", "run_job"]
 
 
 def build_engine(spec: JobSpec) -> AbsorptionEngine:
@@ -46,11 +45,22 @@ def run_job(engine: AbsorptionEngine, spec: JobSpec, on_step: StepCallback | Non
     else:
         engine.load_adapter(spec.base_adapter)
     report = engine.run_round(
-        spec.prefix, spec.context, [], n_probes=engine.config.probe_count, following=spec.following,
-        base_teacher=spec.base_adapter is None, round_index=spec.round_index, on_step=on_step,
+        spec.prefix,
+        spec.context,
+        [],
+        n_probes=engine.config.probe_count,
+        following=spec.following,
+        base_teacher=spec.base_adapter is None,
+        round_index=spec.round_index,
+        on_step=on_step,
     )
-    marker = {"job_id": spec.job_id, "session_id": spec.session_id, "version": spec.version,
-              "base_version": spec.base_version, "report": report.to_dict()}
+    marker = {
+        "job_id": spec.job_id,
+        "session_id": spec.session_id,
+        "version": spec.version,
+        "base_version": spec.base_version,
+        "report": report.to_dict(),
+    }
 
     def write(tmp: Path) -> None:
         engine.save_adapter(tmp)

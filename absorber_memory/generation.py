@@ -22,8 +22,12 @@ T = TypeVar("T")
 
 def _generate_settings(tokenizer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """`model.generate` settings: greedy with the tokenizer's pad/EOS unless `kwargs` say otherwise."""
-    settings: dict[str, Any] = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id,
-                                "eos_token_id": tokenizer.eos_token_id, **kwargs}
+    settings: dict[str, Any] = {
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **kwargs,
+    }
     if not settings.get("do_sample"):
         settings.update(temperature=None, top_p=None, top_k=None)  # silence sampling-only settings
     return settings
@@ -49,15 +53,21 @@ def generate_ids(model: Any, tokenizer: Any, input_ids: list[int], max_new_token
     settings = _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens, **kwargs})
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
-    return _until_eos(out[0, len(input_ids):].tolist(), tokenizer.eos_token_id)
+    return _until_eos(out[0, len(input_ids) :].tolist(), tokenizer.eos_token_id)
 
 
 def _until_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def generate_batch_ids(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                       max_batch_tokens: int = 8192, **kwargs: Any) -> list[list[int]]:
+def generate_batch_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    max_batch_tokens: int = 8192,
+    **kwargs: Any,
+) -> list[list[int]]:
     """`generate_ids` for several prompts, run as left-padded batches; results in prompt order.
 
     Decoding one token for a batch costs little more than for one sequence on
@@ -160,8 +170,15 @@ class TextStream:
         kwargs: passed to `model.generate` (`do_sample`, `temperature`, ...).
     """
 
-    def __init__(self, model_scope: Callable[[], contextlib.AbstractContextManager[Any]], tokenizer: Any,
-                 input_ids: list[int], max_new_tokens: int, stop: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_scope: Callable[[], contextlib.AbstractContextManager[Any]],
+        tokenizer: Any,
+        input_ids: list[int],
+        max_new_tokens: int,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.stop = [s for s in (stop or []) if s]
         self.input_tokens = len(input_ids)
         self.output_tokens = 0
@@ -175,7 +192,9 @@ class TextStream:
         )
         self._thread.start()
 
-    def _run(self, model_scope: Callable[[], Any], tokenizer: Any, input_ids: list[int], kwargs: dict[str, Any]) -> None:
+    def _run(
+        self, model_scope: Callable[[], Any], tokenizer: Any, input_ids: list[int], kwargs: dict[str, Any]
+    ) -> None:
         try:
             settings = _generate_settings(tokenizer, kwargs)
             if self.stop:
@@ -183,9 +202,14 @@ class TextStream:
             with model_scope() as model:
                 ids = torch.tensor([input_ids], device=next(model.parameters()).device)
                 with torch.no_grad():
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self._max_new,
-                                   streamer=self._streamer,
-                                   stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]), **settings)
+                    model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=self._max_new,
+                        streamer=self._streamer,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                        **settings,
+                    )
         except BaseException as exc:  # handed to the reader; the streamer must still end
             self._error = exc
             self._streamer.end()
@@ -214,7 +238,9 @@ class TextStream:
             self._thread.join()
             self.output_tokens = self._streamer.generated
             if self.finish_reason is None:
-                self.finish_reason = "stop" if self._streamer.saw_eos or self.output_tokens < self._max_new else "length"
+                self.finish_reason = (
+                    "stop" if self._streamer.saw_eos or self.output_tokens < self._max_new else "length"
+                )
 
     def text(self) -> str:
         """The whole answer (consumes the stream)."""

@@ -34,7 +34,7 @@ def hidden_sync_loss(
     if len(student) != len(teacher) or not student:
         raise ValueError(f"need the same non-zero number of layers, got {len(student)} and {len(teacher)}")
     per_layer = []
-    for s, t in zip(student, teacher):
+    for s, t in zip(student, teacher, strict=True):
         t = t.detach().to(s.dtype)
         if kind == "l1":
             per_layer.append((s - t).abs().mean() / (t.abs().mean() + _EPS))
@@ -57,9 +57,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
-def lora_update_penalty(
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]], kind: str = "l1"
-) -> torch.Tensor:
+def lora_update_penalty(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]], kind: str = "l1") -> torch.Tensor:
     """Mean magnitude of the LoRA updates delta-W = scale * B @ A over modules.
 
     Penalising delta-W rather than A and B keeps the penalty at zero for a fresh

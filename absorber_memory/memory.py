@@ -24,8 +24,8 @@ from typing import Any
 from .absorber import AbsorptionReport
 from .chat import ChatFormat, Message, check_lengths, split_prefix, validate_messages
 from .config import AbsorberConfig
-from .engine import ADAPTER, AbsorptionEngine
 from .deprecation import moved_names
+from .engine import ADAPTER, AbsorptionEngine
 from .errors import InvalidMessageError, StorageError
 from .jobs import StepCallback
 from .models import DEFAULT_MODEL, identity_mismatch
@@ -205,20 +205,53 @@ class ParametricMemory:
         self._log.append({"first": None, "count": len(context_rest), "report": report.to_dict()})
         return report
 
-    def _round(self, prefix: list[Message], context: list[Message], segments: list[list[Message]], n_probes: int,
-               following: list[Message] | None = None) -> AbsorptionReport:
+    def _round(
+        self,
+        prefix: list[Message],
+        context: list[Message],
+        segments: list[list[Message]],
+        n_probes: int,
+        following: list[Message] | None = None,
+    ) -> AbsorptionReport:
         """One round on this memory's own history (the first absorption is taught by the frozen model)."""
-        return self.engine.run_round(prefix, context, segments, n_probes=n_probes, following=following,
-                                     base_teacher=not self._log, round_index=len(self._log))
+        return self.engine.run_round(
+            prefix,
+            context,
+            segments,
+            n_probes=n_probes,
+            following=following,
+            base_teacher=not self._log,
+            round_index=len(self._log),
+        )
 
-    def absorb_turns(self, prefix: list[Message], context: list[Message], segments: list[list[Message]] | None = None,
-                     *, n_probes: int, lead: list[Message] | None = None, base_teacher: bool, round_index: int = 0,
-                     on_step: StepCallback | None = None) -> AbsorptionReport:
+    def absorb_turns(
+        self,
+        prefix: list[Message],
+        context: list[Message],
+        segments: list[list[Message]] | None = None,
+        *,
+        n_probes: int,
+        lead: list[Message] | None = None,
+        base_teacher: bool,
+        round_index: int = 0,
+        on_step: StepCallback | None = None,
+    ) -> AbsorptionReport:
         """Deprecated: use `engine.run_round` (with `following=` for `lead=`)."""
-        warnings.warn("`ParametricMemory.absorb_turns` is deprecated; use `ParametricMemory.engine.run_round`",
-                      DeprecationWarning, stacklevel=2)
-        return self.engine.run_round(prefix, context, segments, n_probes=n_probes, following=lead,
-                                     base_teacher=base_teacher, round_index=round_index, on_step=on_step)
+        warnings.warn(
+            "`ParametricMemory.absorb_turns` is deprecated; use `ParametricMemory.engine.run_round`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.engine.run_round(
+            prefix,
+            context,
+            segments,
+            n_probes=n_probes,
+            following=lead,
+            base_teacher=base_teacher,
+            round_index=round_index,
+            on_step=on_step,
+        )
 
     # --- the adapter's weights ----------------------------------------------------------
     def reset_adapter(self) -> None:
@@ -231,8 +264,11 @@ class ParametricMemory:
         Applies new training settings, starts a fresh adapter and clears the
         absorption log; the transcript is kept.
         """
-        warnings.warn("`ParametricMemory.reconfigure` is deprecated; use `ParametricMemory.engine.reconfigure`",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "`ParametricMemory.reconfigure` is deprecated; use `ParametricMemory.engine.reconfigure`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self.engine.reconfigure(**overrides)
         self._log.clear()
 
@@ -279,7 +315,9 @@ class ParametricMemory:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: str | Any | None = None, *, tokenizer: Any | None = None) -> ParametricMemory:
+    def load(
+        cls, path: str | Path, model: str | Any | None = None, *, tokenizer: Any | None = None
+    ) -> ParametricMemory:
         """Load a memory saved with `save`.
 
         Args:
@@ -316,9 +354,12 @@ class ParametricMemory:
         return memory
 
 
-__getattr__ = moved_names(__name__, {
-    "lora_config": "absorber_memory.config:lora_config",
-    "as_config": "absorber_memory.config:as_config",
-    "base_model": "absorber_memory.models:base_model",
-    "prompt_limit": "absorber_memory.models:prompt_limit",
-})
+__getattr__ = moved_names(
+    __name__,
+    {
+        "lora_config": "absorber_memory.config:lora_config",
+        "as_config": "absorber_memory.config:as_config",
+        "base_model": "absorber_memory.models:base_model",
+        "prompt_limit": "absorber_memory.models:prompt_limit",
+    },
+)

@@ -18,6 +18,7 @@ probes, never sync text the adapter was trained on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,8 +63,9 @@ def kl_sum(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> float:
     return float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
 
 
-def reference_answer(model: Any, tokenizer: Any, prompt: list[int],
-                     max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
+def reference_answer(
+    model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], list[int], torch.Tensor]:
     """The model's greedy answer after `prompt`: `(answer ids, answer + EOS, log-probs along answer + EOS)`."""
     answer = generate_ids(model, tokenizer, prompt, max_new_tokens)
     target = answer + [tokenizer.eos_token_id]
@@ -72,7 +74,7 @@ def reference_answer(model: Any, tokenizer: Any, prompt: list[int],
 
 def fidelity(
     memory: Any,
-    queries: list[str | list[dict[str, Any]]],
+    queries: Sequence[str | list[dict[str, Any]]],
     *,
     context: list[dict[str, Any]] | None = None,
     window: list[dict[str, Any]] | None = None,
@@ -131,7 +133,12 @@ class _SessionView:
 
     def __init__(self, memory: Any, session_id: str, model: Any) -> None:
         rows = [m for m in memory.transcript(session_id) if m.role != "system"]
-        self.prefix, self.fmt, self.model, self.tokenizer = memory.prefix(session_id), memory.fmt, model, memory.tokenizer
+        self.prefix, self.fmt, self.model, self.tokenizer = (
+            memory.prefix(session_id),
+            memory.fmt,
+            model,
+            memory.tokenizer,
+        )
         self.absorbed_messages = [m.as_chat() for m in rows if m.absorbed]
         self.window = [m.as_chat() for m in rows if not m.absorbed]
 
@@ -139,8 +146,9 @@ class _SessionView:
         return self.model.disable_adapter()
 
 
-def session_fidelity(memory: Any, session_id: str, queries: list[str | list[dict[str, Any]]],
-                     **kwargs: Any) -> FidelityReport:
+def session_fidelity(
+    memory: Any, session_id: str, queries: Sequence[str | list[dict[str, Any]]], **kwargs: Any
+) -> FidelityReport:
     """`fidelity` for one session of an `AbsorberMemory`: its committed adapter vs. its absorbed turns.
 
     The window is the session's unabsorbed messages; call `flush` first so

@@ -177,7 +177,7 @@ def load_model(
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]  # transformers types `to` through a decorator that hides devices
     model.config.name_or_path = name  # so saved memories name the model the user asked for
     return model, tokenizer
 
@@ -260,11 +260,14 @@ def prompt_limit(config: AbsorberConfig, base: Any) -> int:
     """
     context = getattr(base.config, "max_position_embeddings", None) or 1 << 30
     if config.max_new_tokens >= context:
-        raise ConfigError(f"`max_new_tokens` must be < the model's context ({context} tokens), "
-                          f"got {config.max_new_tokens}")
+        raise ConfigError(
+            f"`max_new_tokens` must be < the model's context ({context} tokens), got {config.max_new_tokens}"
+        )
     for field in ("window_tokens", "context_tokens"):
         value = getattr(config, field)
         if value is not None and value + config.max_new_tokens > context:
-            raise ConfigError(f"`{field}` + `max_new_tokens` must be <= the model's context ({context} tokens), "
-                              f"got {value} + {config.max_new_tokens}")
+            raise ConfigError(
+                f"`{field}` + `max_new_tokens` must be <= the model's context ({context} tokens), "
+                f"got {value} + {config.max_new_tokens}"
+            )
     return int(config.context_tokens or context - config.max_new_tokens)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -110,7 +111,10 @@ def load_adapter_weights(model: Any, adapter: str, folder: Path) -> None:
         raise StorageError(f"{path} is missing") from exc
     except Exception as exc:  # safetensors raises its own error types on bad bytes
         raise StorageError(f"{path} is corrupt: {exc}") from exc
-    current = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items()}
+    current = {
+        k: v.shape
+        for k, v in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items()
+    }
     expected = set(current)
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -71,9 +71,7 @@ def pick_probes(prompts: list[str], count: int, round_index: int) -> list[str]:
     return [prompts[(start + i) % len(prompts)] for i in range(min(count, len(prompts)))]
 
 
-def probe_segments(
-    answer_all: Callable[[list[list[Message]]], list[str]], prompts: list[str]
-) -> list[list[Message]]:
+def probe_segments(answer_all: Callable[[list[list[Message]]], list[str]], prompts: list[str]) -> list[list[Message]]:
     """Build sync segments `[probe; teacher answer]`, one per prompt.
 
     Args:
@@ -86,7 +84,7 @@ def probe_segments(
     replies = answer_all(questions) if questions else []
     if len(replies) != len(questions):
         raise ValueError(f"the teacher returned {len(replies)} answers for {len(questions)} probes")
-    return [q + [{"role": "assistant", "content": r.strip() or "..."}] for q, r in zip(questions, replies)]
+    return [q + [{"role": "assistant", "content": r.strip() or "..."}] for q, r in zip(questions, replies, strict=True)]
 
 
 def chained_probe_segment(

@@ -144,9 +144,10 @@ class AbsorptionQueue:
             self._cancel[job_id].set()
             session = self._sessions[job_id]
             queued = self._queued.get(session)
-            was_queued = queued is not None and job_id in queued
-            if was_queued:
+            was_queued = False
+            if queued is not None and job_id in queued:
                 queued.remove(job_id)
+                was_queued = True
         if was_queued:
             self._end(job_id, "cancelled", reason)
         return True
@@ -191,7 +192,7 @@ class AbsorptionQueue:
                 picked = None
                 while not self._closed and (picked := self._pick()) is None:
                     self._cond.wait()
-                if self._closed:
+                if self._closed or picked is None:
                     return
                 job_id, session = picked
                 self._running[job_id] = session

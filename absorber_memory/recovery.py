@@ -96,7 +96,9 @@ def _recover_session(store: Store, layout: SessionLayout, sid: str) -> None:
             except StorageError:
                 continue
             if isinstance(marker, dict) and marker.get("job_id") == first.id and marker.get("base_version") == current:
-                log.info("session %r: adopting adapter v%d that job %d finished before the crash", sid, version, first.id)
+                log.info(
+                    "session %r: adopting adapter v%d that job %d finished before the crash", sid, version, first.id
+                )
                 commit_version(store, layout, first, version, marker.get("report") or {}, current)
                 current = version
                 break
@@ -108,6 +110,8 @@ def _recover_session(store: Store, layout: SessionLayout, sid: str) -> None:
     problem = "it is missing" if current not in folders else readable_adapter(folders[current])
     if problem is None:
         return
-    log.error("session %r: committed adapter v%d is unusable (%s); its messages return to the window", sid, current, problem)
+    log.error(
+        "session %r: committed adapter v%d is unusable (%s); its messages return to the window", sid, current, problem
+    )
     store.reset_adapter(sid, cancel_pending=f"adapter v{current} was unusable ({problem}); absorption planned again")
     layout.remove_adapters(sid)

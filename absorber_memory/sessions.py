@@ -21,8 +21,8 @@ Choices written down:
   once (the old adapter holds what was forgotten), returns every remaining
   message to the window, and re-absorbs them in the background.
 - While a backlog is absorbed, `context_messages` caps the window at
-  `context_tokens` (default: the model's context minus `max_new_tokens`),
-  leaving out the oldest pending turns from the prompt (not the store).
+  `context_tokens` (see `prompts.py`), leaving out the oldest pending turns
+  from the prompt (not the store).
 - `close()` interrupts a running job; it stays queued and resumes on reopen.
 """
 
@@ -39,31 +39,48 @@ from pathlib import Path
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from .adapters import AdapterCache
-from .chat import ChatFormat, Message, check_lengths, split_prefix, validate_messages
+from .chat import (
+    ChatFormat,
+    Message,
+    check_keys,
+    check_lengths,
+    check_message_ids,
+    split_prefix,
+    system_messages,
+    validate_messages,
+)
 from .config import AbsorberConfig, as_config, lora_config
 from .coordinator import JobCoordinator
-from .errors import InvalidMessageError
 from .executor import LocalExecutor
 from .generation import TextStream, generate_text
 from .jobs import Executor, JobInfo, JobStatus
 from .layout import SessionLayout, session_key
 from .models import DEFAULT_MODEL, absorber_home, base_model, model_identity, prompt_limit
-from .queue import AbsorptionQueue, JobHandle
+from .prompts import SessionPrompts
+from .queue import JobHandle
 from .recovery import check_base_model, recover_sessions
 from .store import Store, StoredMessage, check_id
-from .stream import fit_window
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
+#: Chat messages as callers pass them: `{"role": ..., "content": ...}` dicts.
+Messages = list[dict[str, Any]]
 R = TypeVar("R")
 
 #: The session used when a caller names none.
 DEFAULT_SESSION = "default"
 
 # Old names -> where they live now (each use warns once per call site).
-_MOVED = {"flush_sync": "flush", "session_dir": "layout.session_dir", "adapter_dir": "layout.adapter_dir",
-          "prepare": "coordinator.prepare", "commit": "coordinator.commit", "finish": "coordinator.finish",
-          "info": "job", "langchain_history": None}
+_MOVED = {
+    "flush_sync": "flush",
+    "session_dir": "layout.session_dir",
+    "adapter_dir": "layout.adapter_dir",
+    "prepare": "coordinator.prepare",
+    "commit": "coordinator.commit",
+    "finish": "coordinator.finish",
+    "info": "job",
+    "langchain_history": None,
+}
 
 
 def _moved(memory: AbsorberMemory, name: str) -> Any:
@@ -73,8 +90,9 @@ def _moved(memory: AbsorberMemory, name: str) -> Any:
     target = _MOVED[name]
     if target is None:
         raise AttributeError(f"`AbsorberMemory.{name}` moved to `langchain_absorber.session_history(memory, ...)`")
-    warnings.warn(f"`AbsorberMemory.{name}` is deprecated; use `AbsorberMemory.{target}`", DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn(
+        f"`AbsorberMemory.{name}` is deprecated; use `AbsorberMemory.{target}`", DeprecationWarning, stacklevel=3
+    )
     found: Any = memory
     for part in target.split("."):
         found = getattr(found, part)
@@ -85,8 +103,11 @@ class _Flushed(list[JobInfo]):
     """`flush`'s result; awaiting it (the older async spelling) still works, with a warning."""
 
     def __await__(self) -> Generator[Any, None, list[JobInfo]]:
-        warnings.warn("`await memory.aflush()` is deprecated: `flush` now blocks; use `await memory.aflush()`",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "`await memory.aflush()` is deprecated: `flush` now blocks; use `await memory.aflush()`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return list(self)
         yield  # a generator, so `await` accepts it
 
@@ -117,9 +138,15 @@ class AbsorberMemory:
 
     _open: ClassVar[weakref.WeakValueDictionary[str, AbsorberMemory]] = weakref.WeakValueDictionary()
 
-    def __init__(self, model: str | Path | Any = DEFAULT_MODEL, *, tokenizer: Any | None = None,
-                 config: AbsorberConfig | dict[str, Any] | None = None, data_dir: str | Path | None = None,
-                 executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | Any = DEFAULT_MODEL,
+        *,
+        tokenizer: Any | None = None,
+        config: AbsorberConfig | dict[str, Any] | None = None,
+        data_dir: str | Path | None = None,
+        executor: Executor | None = None,
+    ) -> None:
         self.config = as_config(config)
         self.data_dir = Path(data_dir) if data_dir is not None else absorber_home()
         base, self.tokenizer = base_model(model, tokenizer, self.config)
@@ -134,18 +161,14 @@ class AbsorberMemory:
             check_base_model(self.store, model_identity(base))
             self.fmt = ChatFormat(self.tokenizer)
             self.layout = SessionLayout(self.data_dir)
-            self._lock = threading.RLock()
+            self.prompts = SessionPrompts(self.store, self.fmt, self.context_limit)
+            self._lock = lock = threading.RLock()
             executor = executor or LocalExecutor(base, self.tokenizer, self.config, self.config.absorb_workers)
             #: The session adapters loaded for inference (an LRU; `stats` counts hits, loads, evictions).
             self.adapters = AdapterCache(base, lora_config(self.config), self.config.max_loaded_adapters)
             recover_sessions(self.store, self.layout)
-            self.coordinator = JobCoordinator(self.store, self.layout, self.config, self.fmt, self.model_name, self._lock)
-            self.queue = AbsorptionQueue(executor, self.coordinator, workers=self.config.absorb_workers)
-            self.coordinator.attach(self.queue)
-            # Plan what no job holds yet: overflow stored just before a crash (the add committed,
-            # its jobs never queued), or the messages of an adapter recovery had to drop.
-            for sid in self.store.sessions() if self.config.auto_absorb else ():
-                self.coordinator.schedule(sid)
+            self.coordinator = JobCoordinator(self.store, self.layout, self.config, self.fmt, self.model_name, lock)
+            self.queue = self.coordinator.start(executor, self.config.absorb_workers)
             AbsorberMemory._open[str(self.data_dir.resolve())] = self
         except BaseException:
             self.store.close()
@@ -169,18 +192,13 @@ class AbsorberMemory:
         """Every stored message of the session, absorbed or not, oldest first."""
         return self.store.messages(check_id(session_id))
 
-    def _unabsorbed(self, session_id: str) -> tuple[list[Message], list[StoredMessage]]:
-        """`(prefix, window)` from one read: system messages, and the unabsorbed conversation."""
-        rows = self.store.messages(check_id(session_id), window_only=True)
-        return [m.as_chat() for m in rows if m.role == "system"], [m for m in rows if m.role != "system"]
-
     def window(self, session_id: str = DEFAULT_SESSION) -> list[StoredMessage]:
         """The session's unabsorbed conversation messages (system messages excluded)."""
-        return self._unabsorbed(session_id)[1]
+        return self.prompts.unabsorbed(session_id)[1]
 
     def prefix(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
         """The session's system message(s): always in the prompt, never absorbed."""
-        return self._unabsorbed(session_id)[0]
+        return self.prompts.unabsorbed(session_id)[0]
 
     def window_tokens(self, session_id: str = DEFAULT_SESSION) -> int:
         """Tokens the session's window takes in the prompt now."""
@@ -191,39 +209,33 @@ class AbsorberMemory:
         committed = self.coordinator.committed(check_id(session_id))
         return None if committed is None else committed[1]
 
-    def context_rows(self, session_id: str = DEFAULT_SESSION, *,
-                     reserve_tokens: int = 0) -> tuple[list[Message], list[StoredMessage]]:
-        """`(prefix, rows)`: the prefix and the stored window messages that go into the prompt now.
-
-        The window is capped at `context_tokens` (less `reserve_tokens` the
-        caller adds to the prompt itself) while a backlog is absorbed (see
-        the module doc); rows carry their ids and caller keys.
-        """
-        prefix, rows = self._unabsorbed(session_id)
-        budget = self.context_limit - len(self.fmt.prefix_ids(prefix)) - reserve_tokens
-        start = fit_window([self.fmt.count(m.as_chat()) for m in rows], [m.role for m in rows], budget)
-        if start:
-            log.warning("session %r: %d pending messages left out of the prompt until absorbed", session_id, start)
-        return prefix, rows[start:]
+    def context_rows(
+        self, session_id: str = DEFAULT_SESSION, *, reserve_tokens: int = 0
+    ) -> tuple[list[Message], list[StoredMessage]]:
+        """`(prefix, rows)`: the prompt's prefix and window rows now, capped at `context_tokens` - `reserve_tokens`."""
+        return self.prompts.context_rows(session_id, reserve_tokens)
 
     def context_messages(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
-        """What to send to the model now: the prefix and the unabsorbed window (capped, see module doc)."""
-        prefix, rows = self.context_rows(session_id)
-        return prefix + [m.as_chat() for m in rows]
+        """What to send to the model now: the prefix and the unabsorbed window (capped, see `context_rows`)."""
+        return self.prompts.context_messages(check_id(session_id))
 
     # --- adding messages and planning absorption -------------------------------------------
-    def add_message(self, role: str, content: str, *, session_id: str = DEFAULT_SESSION,
-                    user_id: str | None = None) -> int:
+    def add_message(
+        self, role: str, content: str, *, session_id: str = DEFAULT_SESSION, user_id: str | None = None
+    ) -> int:
         """Add one message; see `add_messages`. Returns its id."""
         return self.add_messages([{"role": role, "content": content}], session_id=session_id, user_id=user_id)[0]
 
-    def add_messages(self, messages: list[dict[str, Any]], *, session_id: str = DEFAULT_SESSION,
-                     user_id: str | None = None, keys: list[str | None] | None = None,
-                     schedule: bool = True) -> list[int]:
-        """Store messages durably and, with `auto_absorb`, queue absorption of any overflow; returns their ids.
-
-        Absorption runs in the background (`flush` waits for it). System
-        messages are accepted only before the conversation starts (the prefix).
+    def add_messages(
+        self,
+        messages: Messages,
+        *,
+        session_id: str = DEFAULT_SESSION,
+        user_id: str | None = None,
+        keys: list[str | None] | None = None,
+        schedule: bool = True,
+    ) -> list[int]:
+        """Store messages durably, queue absorption of any overflow (`auto_absorb`); returns their ids at once.
 
         Args:
             messages: `{"role", "content"}` dicts.
@@ -234,28 +246,22 @@ class AbsorberMemory:
         sid = check_id(session_id)
         uid = None if user_id is None else check_id(user_id, "user_id")
         clean = self.validate(messages)
-        if keys is not None and (len(keys) != len(clean) or not all(k is None or isinstance(k, str) for k in keys)):
-            raise InvalidMessageError(f"`keys` must be a list of {len(clean)} strings or None, got {keys!r}")
         with self._lock:
-            ids = self.store.add_messages(sid, uid, clean, keys)
+            ids = self.store.add_messages(sid, uid, clean, check_keys(keys, len(clean)))
             if self.config.auto_absorb and schedule:
                 self.coordinator.schedule(sid)
         return ids
 
-    def validate(self, messages: list[dict[str, Any]], *, allow_empty: bool = False) -> list[Message]:
+    def validate(self, messages: Messages, *, allow_empty: bool = False) -> list[Message]:
         """The checks `add_messages` runs, without storing anything: clean copies, or `InvalidMessageError`."""
         clean = validate_messages(messages, allow_empty=allow_empty)
         check_lengths(self.fmt, clean, self.context_limit)
         split_prefix(clean)
         return clean
 
-    def set_prefix(self, session_id: str, system: list[dict[str, Any]] | str) -> bool:
+    def set_prefix(self, session_id: str, system: Messages | str) -> bool:
         """Replace the session's system prefix (set it before the first overflow); returns whether it changed."""
-        sid = check_id(session_id)
-        wanted = validate_messages([{"role": "system", "content": system}] if isinstance(system, str) else system,
-                                   name="system")
-        if any(m["role"] != "system" for m in wanted):
-            raise InvalidMessageError("`system` must hold only system messages")
+        sid, wanted = check_id(session_id), system_messages(system)
         with self._lock:
             if self.prefix(sid) == wanted:
                 return False
@@ -266,13 +272,12 @@ class AbsorberMemory:
         """Queue absorption rounds for the session's unclaimed overflow (automatic with `auto_absorb`)."""
         return self.coordinator.schedule(check_id(session_id))
 
-    def absorb_messages(self, messages: list[dict[str, Any]], *, session_id: str = DEFAULT_SESSION,
-                        user_id: str | None = None) -> list[JobHandle]:
-        """Store messages that already left the caller's prompt and queue absorption of the whole window now.
+    def absorb_messages(
+        self, messages: Messages, *, session_id: str = DEFAULT_SESSION, user_id: str | None = None
+    ) -> list[JobHandle]:
+        """Store messages that left the caller's own window and queue absorption of every unabsorbed one now.
 
-        For callers that keep their own window (LlamaIndex's `Memory`): every
-        unabsorbed message, these included, is absorbed in rounds of about
-        `absorb_tokens`, regardless of `window_tokens`. Returns at once.
+        For callers that keep their own window (LlamaIndex's `Memory`); `window_tokens` is ignored.
         """
         sid = check_id(session_id)
         with self._lock:
@@ -280,40 +285,41 @@ class AbsorberMemory:
             return self.coordinator.schedule(sid, everything=True)
 
     # --- generation --------------------------------------------------------------------------
-    def _prompt(self, sid: str, messages: list[dict[str, Any]] | str | None) -> list[int]:
-        if isinstance(messages, str):
-            if not messages:
-                raise InvalidMessageError("the prompt is empty")
-            return self.fmt.encode_text(messages)
-        msgs = self.context_messages(sid) if messages is None else validate_messages(messages)
-        prefix, rest = split_prefix(msgs)
-        return self.fmt.encode(prefix or self.prefix(sid), rest, add_generation_prompt=True)
-
     def adapted_model(self, session_id: str = DEFAULT_SESSION) -> contextlib.AbstractContextManager[Any]:
         """The inference model with the session's committed adapter active (holds the model lock while open)."""
         sid = check_id(session_id)
         return self.adapters.use(session_key(sid), lambda: self.coordinator.committed(sid))
 
-    def generate(self, messages: list[dict[str, Any]] | None = None, *, session_id: str = DEFAULT_SESSION,
-                 **generation_kwargs: Any) -> str:
-        """Answer `messages` (default: `context_messages`) with the session's committed adapter.
+    def generate(
+        self,
+        messages: Messages | None = None,
+        *,
+        session_id: str = DEFAULT_SESSION,
+        **generation_kwargs: Any,
+    ) -> str:
+        """Answer `messages` (default: `context_messages`; prefix: the session's) with its committed adapter.
 
-        Without leading system messages, the session's prefix is used;
         `generation_kwargs` go to `model.generate` (`max_new_tokens`, `do_sample`, ...).
         """
         sid = check_id(session_id)
-        ids = self._prompt(sid, messages)
+        ids = self.prompts.ids(sid, messages)
         max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
         with self.adapted_model(sid) as model:
             return generate_text(model, self.tokenizer, ids, max_new, **generation_kwargs)
 
-    def stream(self, messages: list[dict[str, Any]] | str | None = None, *, session_id: str = DEFAULT_SESSION,
-               max_new_tokens: int | None = None, stop: list[str] | None = None, **generation_kwargs: Any) -> TextStream:
+    def stream(
+        self,
+        messages: Messages | str | None = None,
+        *,
+        session_id: str = DEFAULT_SESSION,
+        max_new_tokens: int | None = None,
+        stop: list[str] | None = None,
+        **generation_kwargs: Any,
+    ) -> TextStream:
         """Like `generate`, but a `TextStream` of text pieces; a string `messages` is raw text to continue."""
         sid = check_id(session_id)
-        ids = self._prompt(sid, messages)
-        return TextStream(lambda: self.adapted_model(sid), self.tokenizer, ids,
-                          max_new_tokens or self.config.max_new_tokens, stop, **generation_kwargs)
+        ids, most = self.prompts.ids(sid, messages), max_new_tokens or self.config.max_new_tokens
+        return TextStream(lambda: self.adapted_model(sid), self.tokenizer, ids, most, stop, **generation_kwargs)
 
     # --- jobs ----------------------------------------------------------------------------------
     def jobs(self, session_id: str | None = None, status: JobStatus | str | None = None) -> list[JobInfo]:
@@ -359,9 +365,7 @@ class AbsorberMemory:
     def forget_messages(self, session_id: str, message_ids: list[int]) -> list[JobHandle]:
         """Delete specific messages; if any was absorbed, rebuild the adapter from the rest in the background."""
         sid = check_id(session_id)
-        if not isinstance(message_ids, (list, tuple, set)) or not all(type(i) is int for i in message_ids):
-            raise InvalidMessageError(f"`message_ids` must be a list of ints, got {message_ids!r}")
-        handles = self.coordinator.forget_messages(sid, list(message_ids))
+        handles = self.coordinator.forget_messages(sid, check_message_ids(message_ids))
         self.adapters.evict(session_key(sid))  # its adapter may be gone; a kept one reloads in milliseconds
         return handles
 

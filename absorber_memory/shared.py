@@ -46,8 +46,11 @@ def memory_spec(memory: AbsorberMemory | None) -> dict[str, Any] | None:
     """What rebuilds a core elsewhere (None for the shared default): JSON-ready."""
     if memory is None or memory is _memory:
         return None
-    return {"model": memory.model_name, "data_dir": str(Path(memory.data_dir).resolve()),
-            "config": memory.config.model_dump(mode="json")}
+    return {
+        "model": memory.model_name,
+        "data_dir": str(Path(memory.data_dir).resolve()),
+        "config": memory.config.model_dump(mode="json"),
+    }
 
 
 def memory_from_spec(spec: dict[str, Any] | None) -> AbsorberMemory:
@@ -59,6 +62,8 @@ def memory_from_spec(spec: dict[str, Any] | None) -> AbsorberMemory:
     if live is not None:
         return live
     if not spec.get("model"):
-        raise ConfigError(f"no open AbsorberMemory for {data_dir} and its model was passed as an object, "
-                          "so it cannot be rebuilt: open the core (AbsorberMemory(model, data_dir=...)) first")
+        raise ConfigError(
+            f"no open AbsorberMemory for {data_dir} and its model was passed as an object, "
+            "so it cannot be rebuilt: open the core (AbsorberMemory(model, data_dir=...)) first"
+        )
     return AbsorberMemory(spec["model"], config=spec.get("config"), data_dir=data_dir)

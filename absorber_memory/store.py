@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidMessageError, InvalidSessionError, StorageError
 from .deprecation import moved_names
+from .errors import InvalidMessageError, InvalidSessionError, StorageError
 from .jobs import PENDING, JobStatus
 
 SCHEMA_VERSION = 2
@@ -80,7 +80,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_session ON jobs (session_id, id);
 """
-
 
 
 def check_id(value: Any, name: str = "session_id") -> str:
@@ -145,10 +144,17 @@ def _message(r: sqlite3.Row) -> StoredMessage:
 
 def _job(row: sqlite3.Row) -> JobRow:
     return JobRow(
-        id=row["id"], session_id=row["session_id"], status=JobStatus(row["status"]),
-        context_ids=json.loads(row["context_ids"]), following_ids=json.loads(row["sync_ids"]),
-        created=row["created"], started=row["started"], finished=row["finished"], error=row["error"],
-        metrics=json.loads(row["metrics"]) if row["metrics"] else None, adapter_version=row["adapter_version"],
+        id=row["id"],
+        session_id=row["session_id"],
+        status=JobStatus(row["status"]),
+        context_ids=json.loads(row["context_ids"]),
+        following_ids=json.loads(row["sync_ids"]),
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        error=row["error"],
+        metrics=json.loads(row["metrics"]) if row["metrics"] else None,
+        adapter_version=row["adapter_version"],
     )
 
 
@@ -302,8 +308,10 @@ class Store:
     def _ensure_session(db: sqlite3.Connection, session_id: str, user_id: str | None) -> None:
         row = db.execute("SELECT user_id FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         if row is None:
-            db.execute("INSERT INTO sessions (session_id, user_id, created) VALUES (?, ?, ?)",
-                       (session_id, user_id, time.time()))
+            db.execute(
+                "INSERT INTO sessions (session_id, user_id, created) VALUES (?, ?, ?)",
+                (session_id, user_id, time.time()),
+            )
         elif user_id is not None and row["user_id"] not in (None, user_id):
             raise InvalidSessionError(
                 f"session {session_id!r} belongs to another user_id ({row['user_id']!r}), not {user_id!r}"
@@ -328,8 +336,10 @@ class Store:
         with self.transaction() as db:
             self._reset_adapter(db, session_id)
             if cancel_pending is not None:
-                db.execute(f"UPDATE jobs SET status = ?, error = ? WHERE session_id = ? AND status IN {_PENDING_SQL}",
-                           (JobStatus.CANCELLED.value, cancel_pending, session_id))
+                db.execute(
+                    f"UPDATE jobs SET status = ?, error = ? WHERE session_id = ? AND status IN {_PENDING_SQL}",
+                    (JobStatus.CANCELLED.value, cancel_pending, session_id),
+                )
 
     @staticmethod
     def _reset_adapter(db: sqlite3.Connection, session_id: str) -> None:
@@ -365,8 +375,9 @@ class Store:
                 found[r["id"]] = _message(r)
         return found
 
-    def add_messages(self, session_id: str, user_id: str | None, messages: list[dict[str, str]],
-                     keys: list[str | None] | None = None) -> list[int]:
+    def add_messages(
+        self, session_id: str, user_id: str | None, messages: list[dict[str, str]], keys: list[str | None] | None = None
+    ) -> list[int]:
         """Store messages in one transaction (creating the session); returns their ids.
 
         System messages are refused once the session's conversation has
@@ -375,8 +386,9 @@ class Store:
         with self.transaction() as db:
             self._ensure_session(db, session_id, user_id)
             if any(m["role"] == "system" for m in messages):
-                started = db.execute("SELECT 1 FROM messages WHERE session_id = ? AND role != 'system' LIMIT 1",
-                                     (session_id,)).fetchone()
+                started = db.execute(
+                    "SELECT 1 FROM messages WHERE session_id = ? AND role != 'system' LIMIT 1", (session_id,)
+                ).fetchone()
                 if started:
                     raise InvalidMessageError("system messages must come before the session's conversation starts")
             return self._insert_messages(db, session_id, messages, keys)
@@ -391,20 +403,24 @@ class Store:
     def delete_messages(self, session_id: str, message_ids: list[int], *, reset_adapter: bool) -> None:
         """Delete messages; with `reset_adapter`, also return the rest to the window and drop the adapter."""
         with self.transaction() as db:
-            db.executemany("DELETE FROM messages WHERE id = ? AND session_id = ?",
-                           [(i, session_id) for i in message_ids])
+            db.executemany(
+                "DELETE FROM messages WHERE id = ? AND session_id = ?", [(i, session_id) for i in message_ids]
+            )
             if reset_adapter:
                 self._reset_adapter(db, session_id)
 
     @staticmethod
-    def _insert_messages(db: sqlite3.Connection, session_id: str, messages: list[dict[str, str]],
-                         keys: list[str | None] | None = None) -> list[int]:
+    def _insert_messages(
+        db: sqlite3.Connection, session_id: str, messages: list[dict[str, str]], keys: list[str | None] | None = None
+    ) -> list[int]:
         now = time.time()
         ids = []
         for m, key in zip(messages, keys or [None] * len(messages), strict=True):
             try:
-                cur = db.execute("INSERT INTO messages (session_id, role, content, created, key) VALUES (?, ?, ?, ?, ?)",
-                                 (session_id, m["role"], m["content"], now, key))
+                cur = db.execute(
+                    "INSERT INTO messages (session_id, role, content, created, key) VALUES (?, ?, ?, ?, ?)",
+                    (session_id, m["role"], m["content"], now, key),
+                )
             except sqlite3.IntegrityError:
                 raise InvalidMessageError(f"session {session_id!r} already has a message with key {key!r}") from None
             ids.append(int(cur.lastrowid or 0))
@@ -416,10 +432,13 @@ class Store:
         now = time.time()
         with self.transaction() as db:
             return [
-                int(db.execute(
-                    "INSERT INTO jobs (session_id, status, context_ids, sync_ids, created) VALUES (?, ?, ?, ?, ?)",
-                    (session_id, JobStatus.QUEUED.value, json.dumps(c), json.dumps(f), now),
-                ).lastrowid or 0)
+                int(
+                    db.execute(
+                        "INSERT INTO jobs (session_id, status, context_ids, sync_ids, created) VALUES (?, ?, ?, ?, ?)",
+                        (session_id, JobStatus.QUEUED.value, json.dumps(c), json.dumps(f), now),
+                    ).lastrowid
+                    or 0
+                )
                 for c, f in rounds
             ]
 
@@ -448,8 +467,9 @@ class Store:
                 return None
             job = _job(row)
             version = self._reserve_version(db, job.session_id)
-            db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ?",
-                       (JobStatus.RUNNING.value, time.time(), job_id))
+            db.execute(
+                "UPDATE jobs SET status = ?, started = ? WHERE id = ?", (JobStatus.RUNNING.value, time.time(), job_id)
+            )
             s = db.execute("SELECT * FROM sessions WHERE session_id = ?", (job.session_id,)).fetchone()
         session = SessionRow(s["session_id"], s["user_id"], s["adapter_version"], s["last_version"], s["rounds"])
         return job, session, version
@@ -461,12 +481,18 @@ class Store:
         `version`, and the job records its report, together or not at all.
         """
         with self.transaction() as db:
-            db.executemany("UPDATE messages SET absorbed_version = ? WHERE id = ? AND absorbed_version IS NULL",
-                           [(version, i) for i in job.context_ids])
-            db.execute("UPDATE sessions SET adapter_version = ?, rounds = rounds + 1 WHERE session_id = ?",
-                       (version, job.session_id))
-            db.execute("UPDATE jobs SET status = ?, finished = ?, metrics = ?, adapter_version = ?, error = NULL "
-                       "WHERE id = ?", (JobStatus.DONE.value, time.time(), json.dumps(report), version, job.id))
+            db.executemany(
+                "UPDATE messages SET absorbed_version = ? WHERE id = ? AND absorbed_version IS NULL",
+                [(version, i) for i in job.context_ids],
+            )
+            db.execute(
+                "UPDATE sessions SET adapter_version = ?, rounds = rounds + 1 WHERE session_id = ?",
+                (version, job.session_id),
+            )
+            db.execute(
+                "UPDATE jobs SET status = ?, finished = ?, metrics = ?, adapter_version = ?, error = NULL WHERE id = ?",
+                (JobStatus.DONE.value, time.time(), json.dumps(report), version, job.id),
+            )
 
     def requeue_job(self, job_id: int) -> None:
         """Put a running job back in the queue (interrupted by `close`, or found running on reopen)."""
@@ -478,14 +504,19 @@ class Store:
         if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise ValueError(f"`status` must be failed or cancelled, got {status!r}")
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
-                       (status.value, time.time(), error, job_id))
+            db.execute(
+                "UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
+                (status.value, time.time(), error, job_id),
+            )
 
 
 _PENDING_SQL = "(" + ", ".join(f"'{s.value}'" for s in PENDING) + ")"
 
-__getattr__ = moved_names(__name__, {
-    "PENDING": "absorber_memory.jobs:PENDING",
-    "session_key": "absorber_memory.layout:session_key",
-    "inside": "absorber_memory.layout:inside",
-})
+__getattr__ = moved_names(
+    __name__,
+    {
+        "PENDING": "absorber_memory.jobs:PENDING",
+        "session_key": "absorber_memory.layout:session_key",
+        "inside": "absorber_memory.layout:inside",
+    },
+)

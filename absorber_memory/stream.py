@@ -46,7 +46,12 @@ def turn_spans(roles: list[str]) -> list[tuple[int, int]]:
 
 
 def plan_absorption(
-    counts: list[int], roles: list[str], *, window_tokens: int, absorb_tokens: int, sync_tokens: int,
+    counts: list[int],
+    roles: list[str],
+    *,
+    window_tokens: int,
+    absorb_tokens: int,
+    sync_tokens: int,
     keep_newest: bool = True,
 ) -> AbsorbPlan | None:
     """Decide the next absorption round for a window, or None if it fits (or cannot shrink).

@@ -26,7 +26,7 @@ SYSTEM = "You are a friendly assistant who remembers what the user tells you."
 prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{question}")])
 # The session id picks the adapter: expose it as a configurable field of the model.
 model = ChatAbsorber(memory=memory).configurable_fields(session_id=ConfigurableField(id="session_id"))
-chain = RunnableWithMessageHistory(prompt | model, lambda session_id: session_history(memory)(session_id, system=SYSTEM),
+chain = RunnableWithMessageHistory(prompt | model, session_history(memory, system=SYSTEM),
                                    input_messages_key="question", history_messages_key="history")
 config = {"configurable": {"session_id": "jonas"}}
 

@@ -20,25 +20,59 @@ import torch
 
 from .data import chitchat_conversations, persona_conversation
 from .experiments import ablation_experiment, fidelity_experiment
-from .methods import METHODS
 from .latency import latency_experiment
+from .methods import METHODS
 from .report import markdown_table, plot_ablations, plot_fidelity, plot_latency, write_outputs
 
 #: Sizes of each mode: (quick, full).
-SETTINGS = {
-    "quick": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1], test_chitchat=0, queries=3, steps=4,
-                  lrs=[1e-3], probes=2, max_new_tokens=12, lengths=[256, 512], window=128, new_tokens=4,
-                  ablation={"absorb_turns": [4], "sync_tokens": [0], "update_penalty": [("l2", 1e-3)],
-                            "lora_rank": [16, 4], "steps": [2], "loss_threshold": [0.05]}),
-    "full": dict(dev_persona=[100], dev_chitchat=0, test_persona=[1, 2], test_chitchat=1, queries=6, steps=20,
-                 lrs=[1e-4, 3e-4, 1e-3, 3e-3], probes=4, max_new_tokens=24,
-                 lengths=[1024, 2048, 4096, 8192, 16384], window=512, new_tokens=16,
-                 ablation={"absorb_turns": [2, 4, 8], "sync_tokens": [0, 16, 64], "update_penalty":
-                           # mean |delta-W| is ~1e-3 and mean delta-W^2 ~1e-6 after 20 steps, against a sync
-                           # loss of ~0.1: the small weights show no effect, the large ones are comparable
-                           [("none", 0.0), ("l1", 1e-4), ("l2", 1e-3), ("l1", 3.0), ("l1", 30.0),
-                            ("l2", 3e3), ("l2", 3e4)], "lora_rank": [16, 4, 8], "steps": [5, 10, 40],
-                           "loss_threshold": [0.05]}),
+SETTINGS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        dev_persona=[100],
+        dev_chitchat=0,
+        test_persona=[1],
+        test_chitchat=0,
+        queries=3,
+        steps=4,
+        lrs=[1e-3],
+        probes=2,
+        max_new_tokens=12,
+        lengths=[256, 512],
+        window=128,
+        new_tokens=4,
+        ablation={
+            "absorb_turns": [4],
+            "sync_tokens": [0],
+            "update_penalty": [("l2", 1e-3)],
+            "lora_rank": [16, 4],
+            "steps": [2],
+            "loss_threshold": [0.05],
+        },
+    ),
+    "full": dict(
+        dev_persona=[100],
+        dev_chitchat=0,
+        test_persona=[1, 2],
+        test_chitchat=1,
+        queries=6,
+        steps=20,
+        lrs=[1e-4, 3e-4, 1e-3, 3e-3],
+        probes=4,
+        max_new_tokens=24,
+        lengths=[1024, 2048, 4096, 8192, 16384],
+        window=512,
+        new_tokens=16,
+        ablation={
+            "absorb_turns": [2, 4, 8],
+            "sync_tokens": [0, 16, 64],
+            "update_penalty":
+            # mean |delta-W| is ~1e-3 and mean delta-W^2 ~1e-6 after 20 steps, against a sync
+            # loss of ~0.1: the small weights show no effect, the large ones are comparable
+            [("none", 0.0), ("l1", 1e-4), ("l2", 1e-3), ("l1", 3.0), ("l1", 30.0), ("l2", 3e3), ("l2", 3e4)],
+            "lora_rank": [16, 4, 8],
+            "steps": [5, 10, 40],
+            "loss_threshold": [0.05],
+        },
+    ),
 }
 
 
@@ -60,8 +94,13 @@ def _loader(model: str, device: str, threads: int | None) -> Any:
 
 def _machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _conversations(s: dict[str, Any]) -> tuple[list[Any], list[Any]]:
@@ -86,8 +125,16 @@ def _round_seconds(pm: Any, steps: int, probes: int, absorb_tokens: int, sync_to
     return time.perf_counter() - start
 
 
-def run(command: str, out: Path, *, quick: bool, model: str, device: str, threads: int | None,
-        factors: list[str] | None = None) -> list[Path]:
+def run(
+    command: str,
+    out: Path,
+    *,
+    quick: bool,
+    model: str,
+    device: str,
+    threads: int | None,
+    factors: list[str] | None = None,
+) -> list[Path]:
     """Run one subcommand (or `all`); returns the files written. `factors` limits the ablation grid."""
     from tqdm.auto import tqdm
 
@@ -105,33 +152,83 @@ def run(command: str, out: Path, *, quick: bool, model: str, device: str, thread
     if command in ("fidelity", "all"):
         absorbing = sum(m.kind == "absorb" for m in METHODS)
         bar = tqdm(total=len(dev) * absorbing * len(s["lrs"]) + len(test) * len(METHODS), desc="fidelity", unit="run")
-        result = fidelity_experiment(pm, dev, test, steps=s["steps"], lrs=s["lrs"], probes=s["probes"],
-                                     max_new_tokens=s["max_new_tokens"], tick=_ticker(bar))
+        result = fidelity_experiment(
+            pm,
+            dev,
+            test,
+            steps=s["steps"],
+            lrs=s["lrs"],
+            probes=s["probes"],
+            max_new_tokens=s["max_new_tokens"],
+            tick=_ticker(bar),
+        )
         bar.close()
-        table = markdown_table(result["rows"], ["method", "steps", "lr", "kl", "gap_closed", "recall", "seconds",
-                                                "kl_generated", "kl_chitchat-dataset"])
+        table = markdown_table(
+            result["rows"],
+            ["method", "steps", "lr", "kl", "gap_closed", "recall", "seconds", "kl_generated", "kl_chitchat-dataset"],
+        )
         written += write_outputs(out, "fidelity", {**meta, **result}, table, plot_fidelity)
     if command in ("latency", "all"):
         n, m = (64, 32) if quick else (256, 128)
         round_s = _round_seconds(pm, s["steps"], s["probes"], n, m)
         bar = tqdm(total=2 * len(s["lengths"]), desc="latency", unit="run")
-        result = latency_experiment(pm, model, s["lengths"], window=s["window"], new_tokens=s["new_tokens"],
-                                    round_seconds=round_s, absorb_tokens=n, tick=_ticker(bar))
+        result = latency_experiment(
+            pm,
+            model,
+            s["lengths"],
+            window=s["window"],
+            new_tokens=s["new_tokens"],
+            round_seconds=round_s,
+            absorb_tokens=n,
+            tick=_ticker(bar),
+        )
         bar.close()
-        table = markdown_table(result["rows"], ["setting", "transcript_tokens", "prompt_tokens", "prefill_s",
-                                                "ms_per_token", "kv_cache_mib", "peak_mib", "absorption_s_total",
-                                                "absorption_ms_per_transcript_token", "beyond_trained_context"])
+        table = markdown_table(
+            result["rows"],
+            [
+                "setting",
+                "transcript_tokens",
+                "prompt_tokens",
+                "prefill_s",
+                "ms_per_token",
+                "kv_cache_mib",
+                "peak_mib",
+                "absorption_s_total",
+                "absorption_ms_per_transcript_token",
+                "beyond_trained_context",
+            ],
+        )
         written += write_outputs(out, "latency", {**meta, **result}, table, plot_latency)
     if command in ("ablations", "all"):
         conv = test[0]
         bar = tqdm(total=sum(len(v) for v in s["ablation"].values()), desc="ablations", unit="run")
         loaded = {16: pm}
-        result = ablation_experiment(lambda r: loaded[r] if r in loaded else loaded.setdefault(r, load(r)), conv,
-                                     grid=s["ablation"], steps=s["steps"], lr=1e-3, probes=s["probes"],
-                                     max_new_tokens=s["max_new_tokens"], tick=_ticker(bar))
+        result = ablation_experiment(
+            lambda r: loaded[r] if r in loaded else loaded.setdefault(r, load(r)),
+            conv,
+            grid=s["ablation"],
+            steps=s["steps"],
+            lr=1e-3,
+            probes=s["probes"],
+            max_new_tokens=s["max_new_tokens"],
+            tick=_ticker(bar),
+        )
         bar.close()
-        table = markdown_table(result["points"], ["factor", "value", "kl", "kl_truncation", "gap_closed", "recall",
-                                                  "steps_run", "seconds", "context_messages", "sync_messages"])
+        table = markdown_table(
+            result["points"],
+            [
+                "factor",
+                "value",
+                "kl",
+                "kl_truncation",
+                "gap_closed",
+                "recall",
+                "steps_run",
+                "seconds",
+                "context_messages",
+                "sync_messages",
+            ],
+        )
         written += write_outputs(out, "ablations", {**meta, **result}, table, plot_ablations)
     return written
 
@@ -166,12 +263,20 @@ def add_parser(sub: Any) -> None:
     bench.add_argument("--model", default="smollm2-135m-instruct", help="model name, HF id, path, or 'tiny'")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    bench.add_argument("--factors", nargs="+", default=None,
-                       help="ablations: run only these factors (e.g. update_penalty lora_rank)")
+    bench.add_argument(
+        "--factors", nargs="+", default=None, help="ablations: run only these factors (e.g. update_penalty lora_rank)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    paths = run(args.experiment, Path(args.out), quick=args.quick, model=args.model, device=args.device,
-                threads=args.threads, factors=args.factors)
+    paths = run(
+        args.experiment,
+        Path(args.out),
+        quick=args.quick,
+        model=args.model,
+        device=args.device,
+        threads=args.threads,
+        factors=args.factors,
+    )
     print(json.dumps([str(p) for p in paths], indent=2))
     return 0

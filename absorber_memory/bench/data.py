@@ -29,11 +29,21 @@ SYSTEM_PROMPT = "You are a friendly assistant who remembers what the user tells 
 FIRST = ["Marta", "Kenji", "Amara", "Lukas", "Priya", "Tomas", "Ines", "Omar", "Sofia", "Daniel", "Yara", "Felix"]
 LAST = ["Okafor", "Tanaka", "Silva", "Novak", "Haddad", "Larsen", "Moreau", "Costa", "Ivanova", "Reyes"]
 CITIES = ["Valencia", "Osaka", "Lagos", "Krakow", "Montreal", "Lyon", "Bergen", "Porto", "Tbilisi", "Cusco"]
-JOBS = [("marine biologist", "biologist"), ("pastry chef", "chef"), ("train driver", "train"),
-        ("dentist", "dentist"), ("architect", "architect"), ("violin teacher", "violin"),
-        ("firefighter", "firefighter"), ("librarian", "librarian")]
-PETS = [("cat", ["Pixel", "Miso", "Luna", "Pepper"]), ("dog", ["Bruno", "Koda", "Biscuit", "Rex"]),
-        ("parrot", ["Kiwi", "Mango", "Rio", "Sunny"])]
+JOBS = [
+    ("marine biologist", "biologist"),
+    ("pastry chef", "chef"),
+    ("train driver", "train"),
+    ("dentist", "dentist"),
+    ("architect", "architect"),
+    ("violin teacher", "violin"),
+    ("firefighter", "firefighter"),
+    ("librarian", "librarian"),
+]
+PETS = [
+    ("cat", ["Pixel", "Miso", "Luna", "Pepper"]),
+    ("dog", ["Bruno", "Koda", "Biscuit", "Rex"]),
+    ("parrot", ["Kiwi", "Mango", "Rio", "Sunny"]),
+]
 MONTHS = ["January", "March", "May", "June", "August", "October", "December"]
 FILLER = [
     ("Anyway, I've been reading a lot of science fiction lately.", "Nice! Any favourite authors?"),
@@ -80,9 +90,14 @@ def persona_conversation(seed: int) -> Conversation:
     context = [m for u, a in facts for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
     u, a = FILLER[seed % len(FILLER)]
     window = [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-    qa = [("What is my name?", [first]), ("Which city do I live in?", [city]), ("What is my job?", [job_key]),
-          ("What is my pet called?", [pet_name]), ("How old am I?", [str(age)]),
-          ("When is the wedding in my family?", [month])]
+    qa = [
+        ("What is my name?", [first]),
+        ("Which city do I live in?", [city]),
+        ("What is my job?", [job_key]),
+        ("What is my pet called?", [pet_name]),
+        ("How old am I?", [str(age)]),
+        ("When is the wedding in my family?", [month]),
+    ]
     return Conversation(f"persona-{seed}", "generated", context, window, [q for q, _ in qa], [k for _, k in qa])
 
 
@@ -102,11 +117,17 @@ def chitchat_conversations(count: int, seed: int = 0, min_messages: int = 10) ->
     for key in rng.sample(keys, count):
         turns = data[key]["messages"][:14]
         first_sender = turns[0][0]["sender"]
-        chat = [{"role": "user" if t[0]["sender"] == first_sender else "assistant",
-                 "content": " ".join(u["text"].strip() for u in t if u["text"].strip()) or "..."} for t in turns]
+        chat = [
+            {
+                "role": "user" if t[0]["sender"] == first_sender else "assistant",
+                "content": " ".join(u["text"].strip() for u in t if u["text"].strip()) or "...",
+            }
+            for t in turns
+        ]
         cut = max(2, (2 * len(chat) // 3) // 2 * 2)
-        out.append(Conversation(f"chitchat-{key[:8]}", "chitchat-dataset", chat[:cut], chat[cut:],
-                                list(CHITCHAT_QUERIES)))
+        out.append(
+            Conversation(f"chitchat-{key[:8]}", "chitchat-dataset", chat[:cut], chat[cut:], list(CHITCHAT_QUERIES))
+        )
     return out
 
 
@@ -118,4 +139,3 @@ def haystack_text(min_chars: int) -> str:
     while len(text) < min_chars:
         text += "\n\n" + text
     return text
-

@@ -98,7 +98,7 @@ def decode_timing(model: Any, ids: list[int], new_tokens: int) -> dict[str, floa
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    cache, logits = DynamicCache(), None
+    cache, logits = DynamicCache(), torch.empty(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         start = time.perf_counter()
@@ -116,8 +116,17 @@ def decode_timing(model: Any, ids: list[int], new_tokens: int) -> dict[str, floa
     return {"prefill_s": prefill, "ms_per_token": 1000 * decode / new_tokens}
 
 
-def latency_experiment(pm: Any, model_name: str, lengths: list[int], *, window: int, new_tokens: int,
-                       round_seconds: float, absorb_tokens: int, tick: Any) -> dict[str, Any]:
+def latency_experiment(
+    pm: Any,
+    model_name: str,
+    lengths: list[int],
+    *,
+    window: int,
+    new_tokens: int,
+    round_seconds: float,
+    absorb_tokens: int,
+    tick: Any,
+) -> dict[str, Any]:
     """Time full context vs. the absorber's window at each transcript length."""
     tok, model = pm.tokenizer, pm.model
     device = next(model.parameters()).device
@@ -137,15 +146,34 @@ def latency_experiment(pm: Any, model_name: str, lengths: list[int], *, window: 
                 base = torch.cuda.memory_allocated(device)
             with contextlib.nullcontext() if setting == "absorber" else pm.adapter_disabled():
                 timing = decode_timing(model, prompt, new_tokens)
-            peak = ((torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda"
-                    else peak_mib(model_name, start, len(prompt), new_tokens, device))
+            peak = (
+                (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                if device.type == "cuda"
+                else peak_mib(model_name, start, len(prompt), new_tokens, device)
+            )
             absorbed = max(0, length - window) if setting == "absorber" else 0
             absorb_s = round_seconds * absorbed / absorb_tokens
-            rows.append({"setting": setting, "transcript_tokens": length, "prompt_tokens": len(prompt), **timing,
-                         "kv_cache_mib": kv_cache_mib(model.config, len(prompt) + new_tokens, value_bytes),
-                         "peak_mib": peak, "absorption_s_total": absorb_s,
-                         "absorption_ms_per_transcript_token": 1000 * absorb_s / length,
-                         "beyond_trained_context": bool(trained and len(prompt) > trained)})
-    return {"settings": {"window": window, "new_tokens": new_tokens, "absorb_tokens": absorb_tokens,
-                         "round_seconds": round_seconds, "device": str(device),
-                         "trained_context": trained}, "rows": rows}
+            rows.append(
+                {
+                    "setting": setting,
+                    "transcript_tokens": length,
+                    "prompt_tokens": len(prompt),
+                    **timing,
+                    "kv_cache_mib": kv_cache_mib(model.config, len(prompt) + new_tokens, value_bytes),
+                    "peak_mib": peak,
+                    "absorption_s_total": absorb_s,
+                    "absorption_ms_per_transcript_token": 1000 * absorb_s / length,
+                    "beyond_trained_context": bool(trained and len(prompt) > trained),
+                }
+            )
+    return {
+        "settings": {
+            "window": window,
+            "new_tokens": new_tokens,
+            "absorb_tokens": absorb_tokens,
+            "round_seconds": round_seconds,
+            "device": str(device),
+            "trained_context": trained,
+        },
+        "rows": rows,
+    }

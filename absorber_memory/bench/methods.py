@@ -27,8 +27,10 @@ from ..generation import generate_text
 from ..metrics import answer_logprobs, kl_sum, reference_answer
 from .data import Conversation
 
-SUMMARY_REQUEST = ("Summarize the conversation so far in two sentences. Keep every name, place, job, "
-                   "number and date the user mentioned.")
+SUMMARY_REQUEST = (
+    "Summarize the conversation so far in two sentences. Keep every name, place, job, "
+    "number and date the user mentioned."
+)
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,16 @@ class Method:
 
 
 METHODS = [
-    Method("full", "prompt"), Method("truncation", "prompt"), Method("summary", "summary"),
+    Method("full", "prompt"),
+    Method("truncation", "prompt"),
+    Method("summary", "summary"),
     Method("ttt-lm", "absorb", "lm"),
-    Method("logit-kl", "absorb", "logit_kl"), Method("logit-kl+probes", "absorb", "logit_kl", True),
-    Method("sync-mse", "absorb", "mse"), Method("sync-mse+probes", "absorb", "mse", True),
-    Method("sync-l1", "absorb", "l1"), Method("sync-l1+probes", "absorb", "l1", True),
+    Method("logit-kl", "absorb", "logit_kl"),
+    Method("logit-kl+probes", "absorb", "logit_kl", True),
+    Method("sync-mse", "absorb", "mse"),
+    Method("sync-mse+probes", "absorb", "mse", True),
+    Method("sync-l1", "absorb", "l1"),
+    Method("sync-l1+probes", "absorb", "l1", True),
 ]
 
 
@@ -66,11 +73,21 @@ def references(pm: Any, conv: Conversation, max_new_tokens: int) -> list[Referen
     refs = []
     with pm.adapter_disabled():
         for i, query in enumerate(conv.queries):
-            prompt = pm.fmt.encode(conv.prefix, conv.context + conv.window + [{"role": "user", "content": query}],
-                                   add_generation_prompt=True)
+            prompt = pm.fmt.encode(
+                conv.prefix,
+                conv.context + conv.window + [{"role": "user", "content": query}],
+                add_generation_prompt=True,
+            )
             answer, target, logprobs = reference_answer(pm.model, pm.tokenizer, prompt, max_new_tokens)
-            refs.append(Reference(query, conv.keywords[i] if conv.keywords else [], target, logprobs,
-                                  pm.tokenizer.decode(answer, skip_special_tokens=True)))
+            refs.append(
+                Reference(
+                    query,
+                    conv.keywords[i] if conv.keywords else [],
+                    target,
+                    logprobs,
+                    pm.tokenizer.decode(answer, skip_special_tokens=True),
+                )
+            )
     return refs
 
 
@@ -78,15 +95,24 @@ def recall_hit(answer: str, keywords: list[str]) -> bool:
     return any(k.lower() in answer.lower() for k in keywords)
 
 
-def score(pm: Any, conv: Conversation, refs: list[Reference], prefix: list[dict[str, str]], *,
-          with_context: bool, adapter: bool, max_new_tokens: int) -> dict[str, Any]:
+def score(
+    pm: Any,
+    conv: Conversation,
+    refs: list[Reference],
+    prefix: list[dict[str, str]],
+    *,
+    with_context: bool,
+    adapter: bool,
+    max_new_tokens: int,
+) -> dict[str, Any]:
     """KL(full || this setting) pooled over answer tokens, keyword recall, and the answers."""
     kl, tokens, hits, scored, answers = 0.0, 0, 0, 0, []
     extra = conv.context if with_context else []
     with contextlib.nullcontext() if adapter else pm.adapter_disabled():
         for ref in refs:
-            prompt = pm.fmt.encode(prefix, extra + conv.window + [{"role": "user", "content": ref.query}],
-                                   add_generation_prompt=True)
+            prompt = pm.fmt.encode(
+                prefix, extra + conv.window + [{"role": "user", "content": ref.query}], add_generation_prompt=True
+            )
             kl += kl_sum(ref.logprobs, answer_logprobs(pm.model, prompt, ref.target))
             tokens += len(ref.target)
             answer = generate_text(pm.model, pm.tokenizer, prompt, max_new_tokens)
@@ -97,35 +123,58 @@ def score(pm: Any, conv: Conversation, refs: list[Reference], prefix: list[dict[
     return {"kl_sum": kl, "tokens": tokens, "hits": hits, "scored": scored, "answers": answers}
 
 
-def run_method(pm: Any, method: Method, conv: Conversation, refs: list[Reference], *, steps: int, lr: float,
-               probes: int, max_new_tokens: int, overrides: dict[str, Any] | None = None,
-               sync: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def run_method(
+    pm: Any,
+    method: Method,
+    conv: Conversation,
+    refs: list[Reference],
+    *,
+    steps: int,
+    lr: float,
+    probes: int,
+    max_new_tokens: int,
+    overrides: dict[str, Any] | None = None,
+    sync: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """Apply one method to one conversation and score it; `seconds` is its cost (training or summarizing).
 
     `overrides` are further config fields for absorbing methods; `sync` replaces S (default: the window).
     """
     start, prefix = time.perf_counter(), conv.prefix
     if method.kind == "prompt":
-        result = score(pm, conv, refs, prefix, with_context=method.name == "full", adapter=False,
-                       max_new_tokens=max_new_tokens)
+        result = score(
+            pm, conv, refs, prefix, with_context=method.name == "full", adapter=False, max_new_tokens=max_new_tokens
+        )
         return {**result, "seconds": 0.0}
     if method.kind == "summary":
         with pm.adapter_disabled():
-            ids = pm.fmt.encode(prefix, conv.context + [{"role": "user", "content": SUMMARY_REQUEST}],
-                                add_generation_prompt=True)
+            ids = pm.fmt.encode(
+                prefix, conv.context + [{"role": "user", "content": SUMMARY_REQUEST}], add_generation_prompt=True
+            )
             summary = generate_text(pm.model, pm.tokenizer, ids, 64)
         seconds = time.perf_counter() - start
         system = prefix[0]["content"] + "\n\nSummary of the earlier conversation: " + summary
-        result = score(pm, conv, refs, [{"role": "system", "content": system}], with_context=False, adapter=False,
-                       max_new_tokens=max_new_tokens)
+        result = score(
+            pm,
+            conv,
+            refs,
+            [{"role": "system", "content": system}],
+            with_context=False,
+            adapter=False,
+            max_new_tokens=max_new_tokens,
+        )
         return {**result, "seconds": seconds, "summary": summary}
-    settings = dict(losses={method.loss: 1.0}, lr=lr, max_steps=steps, loss_threshold=0.0,
-                    probe_count=probes if method.probes else 0)
+    settings = dict(
+        losses={method.loss: 1.0},
+        lr=lr,
+        max_steps=steps,
+        loss_threshold=0.0,
+        probe_count=probes if method.probes else 0,
+    )
     pm.reconfigure(**{**settings, **(overrides or {})})
     s_text = conv.window if sync is None else sync
     segments = [s_text] if method.loss != "lm" and s_text else []
-    report = pm.run_round(prefix, conv.context, segments, n_probes=probes if method.probes else 0,
-                             base_teacher=True)
+    report = pm.run_round(prefix, conv.context, segments, n_probes=probes if method.probes else 0, base_teacher=True)
     extra = {"final_loss": report.final_loss, "initial_loss": report.initial_loss, "steps": report.steps}
     seconds = time.perf_counter() - start
     result = score(pm, conv, refs, prefix, with_context=False, adapter=True, max_new_tokens=max_new_tokens)

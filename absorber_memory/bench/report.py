@@ -85,7 +85,7 @@ def plot_ablations(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     factors = list(dict.fromkeys(p["factor"] for p in result["points"]))
     fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 3.4), squeeze=False)
-    for ax, factor in zip(axes[0], factors):
+    for ax, factor in zip(axes[0], factors, strict=False):
         points = [p for p in result["points"] if p["factor"] == factor]
         ax.bar([str(p["value"]) for p in points], [p["gap_closed"] for p in points], color="tab:purple")
         ax.axhline(0, color="black", linewidth=0.8)

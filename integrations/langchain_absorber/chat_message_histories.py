@@ -23,7 +23,6 @@ from typing import Any
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
 
-
 from absorber_memory import DEFAULT_SESSION, check_id, resolve_memory
 
 from .messages import from_chat, to_chat
@@ -52,8 +51,14 @@ class AbsorberChatMessageHistory(BaseChatMessageHistory):
             the prompt template then, or the model reads it twice.
     """
 
-    def __init__(self, memory: Any = None, session_id: str = DEFAULT_SESSION, *, user_id: str | None = None,
-                 system: str | None = None) -> None:
+    def __init__(
+        self,
+        memory: Any = None,
+        session_id: str = DEFAULT_SESSION,
+        *,
+        user_id: str | None = None,
+        system: str | None = None,
+    ) -> None:
         self.memory = resolve_memory(memory)
         self.session_id = check_id(session_id)
         self.user_id = None if user_id is None else check_id(user_id, "user_id")
@@ -93,8 +98,9 @@ class AbsorberChatMessageHistory(BaseChatMessageHistory):
         await asyncio.to_thread(self.clear)
 
 
-def session_history(memory: Any = None, *, user_id: str | None = None,
-                    system: str | None = None) -> Callable[[str], AbsorberChatMessageHistory]:
+def session_history(
+    memory: Any = None, *, user_id: str | None = None, system: str | None = None
+) -> Callable[[str], AbsorberChatMessageHistory]:
     """A `get_session_history` for `RunnableWithMessageHistory`: session id -> its history on `memory`.
 
     Args:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
@@ -67,8 +67,13 @@ class AbsorberParams(BaseModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "session_id": self.session_id, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "top_p": self.top_p}
+        return {
+            "model_name": self.model_name,
+            "session_id": self.session_id,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+        }
 
     def _settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Pop per-call `temperature`/`top_p` from `kwargs`; the `model.generate` sampling settings."""
@@ -102,8 +107,12 @@ class ChatAbsorber(AbsorberParams, BaseChatModel):
     streaming: bool = False
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="absorber", ls_model_name=kwargs.get("model", self.model_name),
-                                 ls_model_type="chat", ls_temperature=kwargs.get("temperature", self.temperature))
+        params = LangSmithParams(
+            ls_provider="absorber",
+            ls_model_name=kwargs.get("model", self.model_name),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
         if (max_tokens := kwargs.get("max_tokens", self.max_tokens)) is not None:
             params["ls_max_tokens"] = max_tokens
         if stop := stop or self.stop:
@@ -115,9 +124,13 @@ class ChatAbsorber(AbsorberParams, BaseChatModel):
         return self.model_copy(update={"session_id": session_id})
 
     # --- tools --------------------------------------------------------------------------
-    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
-                   tool_choice: str | bool | dict[str, Any] | None = None,
-                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
         """Offer tools in the documented `<tool_call>` JSON format (see `messages.py`).
 
         Args:
@@ -136,56 +149,94 @@ class ChatAbsorber(AbsorberParams, BaseChatModel):
         max_tokens = extra.pop("max_tokens", self.max_tokens)
         settings = self._settings(extra)
         return resolve_memory(self.memory).stream(
-            chat, session_id=kwargs.get("session_id", self.session_id), max_new_tokens=max_tokens,
-            stop=stop if stop is not None else self.stop, **settings, **extra,
+            chat,
+            session_id=kwargs.get("session_id", self.session_id),
+            max_new_tokens=max_tokens,
+            stop=stop if stop is not None else self.stop,
+            **settings,
+            **extra,
         )
 
     def _message(self, text: str, stream: TextStream, kwargs: dict[str, Any]) -> AIMessage:
         tools = kwargs.get("tools")
         content, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools}) if tools else (text, [])
-        return AIMessage(content=content, tool_calls=calls, usage_metadata=_usage(stream),
-                         response_metadata=self._metadata(stream))
+        return AIMessage(
+            content=content, tool_calls=calls, usage_metadata=_usage(stream), response_metadata=self._metadata(stream)
+        )
 
     def _metadata(self, stream: TextStream) -> dict[str, Any]:
         return {"model_name": self.model_name, "finish_reason": stream.finish_reason, "model_provider": "absorber"}
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         stream = self._start(messages, stop, kwargs)
         return ChatResult(generations=[ChatGeneration(message=self._message(stream.text(), stream, kwargs))])
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
 
-    def _chunks(self, messages: list[BaseMessage], stop: list[str] | None,
-                kwargs: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+    def _chunks(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Iterator[ChatGenerationChunk]:
         """Text chunks as generated, then a last chunk with usage (tool calls when tools are bound)."""
         stream = self._start(messages, stop, kwargs)
         if kwargs.get("tools"):  # a tool call is only known once complete: one chunk at the end
             message = self._message(stream.text(), stream, kwargs)
-            calls = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], index=i)
-                     for i, c in enumerate(message.tool_calls)]
-            yield ChatGenerationChunk(message=AIMessageChunk(
-                content=message.content, tool_call_chunks=calls, usage_metadata=message.usage_metadata,
-                response_metadata=message.response_metadata, chunk_position="last"))
+            calls = [
+                tool_call_chunk(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], index=i)
+                for i, c in enumerate(message.tool_calls)
+            ]
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content=message.content,
+                    tool_call_chunks=calls,
+                    usage_metadata=message.usage_metadata,
+                    response_metadata=message.response_metadata,
+                    chunk_position="last",
+                )
+            )
             return
         for piece in stream:
             yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=_usage(stream),
-                                                         response_metadata=self._metadata(stream),
-                                                         chunk_position="last"))
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=_usage(stream),
+                response_metadata=self._metadata(stream),
+                chunk_position="last",
+            )
+        )
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         for chunk in self._chunks(messages, stop, kwargs):
             if run_manager is not None and chunk.text:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
         async for chunk in aiterate(self._chunks(messages, stop, kwargs)):
             if run_manager is not None and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -193,5 +244,8 @@ class ChatAbsorber(AbsorberParams, BaseChatModel):
 
 
 def _usage(stream: TextStream) -> UsageMetadata:
-    return UsageMetadata(input_tokens=stream.input_tokens, output_tokens=stream.output_tokens,
-                         total_tokens=stream.input_tokens + stream.output_tokens)
+    return UsageMetadata(
+        input_tokens=stream.input_tokens,
+        output_tokens=stream.output_tokens,
+        total_tokens=stream.input_tokens + stream.output_tokens,
+    )

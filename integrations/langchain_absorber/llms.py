@@ -43,30 +43,52 @@ class AbsorberLLM(AbsorberParams, LLM):
         settings = self._settings(kwargs)
         messages: Any = prompt if self.raw else [{"role": "user", "content": prompt}]
         return resolve_memory(self.memory).stream(
-            messages, session_id=kwargs.pop("session_id", self.session_id),
+            messages,
+            session_id=kwargs.pop("session_id", self.session_id),
             max_new_tokens=kwargs.pop("max_tokens", self.max_tokens),
-            stop=stop if stop is not None else self.stop, **settings, **kwargs,
+            stop=stop if stop is not None else self.stop,
+            **settings,
+            **kwargs,
         )
 
-    def _call(self, prompt: str, stop: list[str] | None = None,
-              run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+    def _call(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
         return self._start(prompt, stop, kwargs).text()
 
-    async def _acall(self, prompt: str, stop: list[str] | None = None,
-                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+    async def _acall(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
         return await asyncio.to_thread(self._call, prompt, stop, None, **kwargs)
 
-    def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
         for piece in self._start(prompt, stop, kwargs):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
 
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
         async for piece in aiterate(iter(self._start(prompt, stop, kwargs))):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:

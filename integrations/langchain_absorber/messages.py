@@ -40,8 +40,15 @@ from absorber_memory.errors import InvalidMessageError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _TOOL_CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
-_ROLE_ALIASES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant",
-                 "system": "system", "tool": "tool", "function": "tool"}
+_ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+}
 
 
 def render_tool_call(name: str, args: dict[str, Any]) -> str:
@@ -64,13 +71,16 @@ def to_chat(message: BaseMessage, where: str = "message") -> dict[str, str] | No
     elif isinstance(message, ChatMessage) and message.role in _ROLE_ALIASES:
         role = _ROLE_ALIASES[message.role]
     else:
-        raise InvalidMessageError(f"{where}: {type(message).__name__} (role {getattr(message, 'role', '?')!r}) "
-                                  "is not supported; use system, human, ai or tool messages")
+        raise InvalidMessageError(
+            f"{where}: {type(message).__name__} (role {getattr(message, 'role', '?')!r}) "
+            "is not supported; use system, human, ai or tool messages"
+        )
     return {"role": role, "content": text} if text.strip() else None
 
 
-def to_chat_messages(messages: Sequence[BaseMessage], tools: list[dict[str, Any]] | None = None,
-                     tool_choice: Any = None) -> list[dict[str, str]]:
+def to_chat_messages(
+    messages: Sequence[BaseMessage], tools: list[dict[str, Any]] | None = None, tool_choice: Any = None
+) -> list[dict[str, str]]:
     """Convert a prompt, dropping empty messages and putting the tool list into the system message."""
     out = [m for i, msg in enumerate(messages) if (m := to_chat(msg, f"messages[{i}]")) is not None]
     if tools:

@@ -43,7 +43,6 @@ from .chat_models import ChatAbsorber
 from .messages import from_chat, to_chat, to_chat_messages, tool_choice_name
 
 
-
 def thread_of(runtime: Any, default: str) -> str:
     """The LangGraph thread id of this run, or `default` when it has none."""
     info = getattr(runtime, "execution_info", None)
@@ -80,8 +79,11 @@ class AbsorptionMiddleware(AgentMiddleware):
         The new ones are left out: they are unclaimed, so eviction stops at the first of them anyway.
         """
         rows = {m.key: m for m in self.memory.transcript(thread) if m.key is not None}
-        new = [(msg.id, chat) for i, msg in enumerate(messages)
-               if msg.id not in rows and (chat := to_chat(msg, f"state messages[{i}]")) is not None]
+        new = [
+            (msg.id, chat)
+            for i, msg in enumerate(messages)
+            if msg.id not in rows and (chat := to_chat(msg, f"state messages[{i}]")) is not None
+        ]
         if new:
             self.memory.add_messages([c for _, c in new], session_id=thread, keys=[k for k, _ in new], schedule=False)
         return rows
@@ -121,10 +123,14 @@ class AbsorptionMiddleware(AgentMiddleware):
     def _prepare(self, request: ModelRequest) -> ModelRequest:
         model = request.model
         if not isinstance(model, ChatAbsorber):
-            raise AbsorberError(f"AbsorptionMiddleware needs the agent's model to be a ChatAbsorber, "
-                                f"got {type(model).__name__}: create_agent(model=ChatAbsorber(memory=memory), ...)")
+            raise AbsorberError(
+                f"AbsorptionMiddleware needs the agent's model to be a ChatAbsorber, "
+                f"got {type(model).__name__}: create_agent(model=ChatAbsorber(memory=memory), ...)"
+            )
         if resolve_memory(model.memory) is not self.memory:
-            raise AbsorberError("the agent's ChatAbsorber and AbsorptionMiddleware use different AbsorberMemory objects")
+            raise AbsorberError(
+                "the agent's ChatAbsorber and AbsorptionMiddleware use different AbsorberMemory objects"
+            )
         thread = thread_of(request.runtime, self.session_id)
         tools = [t if isinstance(t, dict) else convert_to_openai_tool(t) for t in request.tools]
         system = [request.system_message] if request.system_message is not None else []
@@ -144,6 +150,7 @@ class AbsorptionMiddleware(AgentMiddleware):
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:
         return handler(self._prepare(request))
 
-    async def awrap_model_call(self, request: ModelRequest,
-                               handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> ModelResponse:
+    async def awrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
+    ) -> ModelResponse:
         return await handler(await asyncio.to_thread(self._prepare, request))

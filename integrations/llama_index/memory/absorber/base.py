@@ -34,7 +34,6 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory.types import BaseMemory
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
-
 from absorber_memory import DEFAULT_SESSION, check_id
 from absorber_memory.chat import split_prefix
 from absorber_memory.errors import ConfigError
@@ -74,9 +73,18 @@ class AbsorberMemory(CoreHandle, BaseMemory):
         return "AbsorberMemory"
 
     @classmethod
-    def from_defaults(cls, memory: Any = None, *, session_id: str | None = None, user_id: str | None = None,
-                      system: str | None = None, chat_history: list[ChatMessage] | None = None,
-                      llm: Any = None, token_limit: int | None = None, **kwargs: Any) -> AbsorberMemory:
+    def from_defaults(
+        cls,
+        memory: Any = None,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        system: str | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        llm: Any = None,
+        token_limit: int | None = None,
+        **kwargs: Any,
+    ) -> AbsorberMemory:
         """Build one; given an `AbsorberLLM` as `llm`, share its core and session."""
         memory = pick_memory(memory, kwargs.pop("core", None))
         if kwargs:
@@ -86,8 +94,14 @@ class AbsorberMemory(CoreHandle, BaseMemory):
             session_id = session_id or getattr(llm, "session_id", None)
             if memory is None:
                 memory, shared = llm.memory_if_open(), {"core_spec": llm.core_spec}
-        built = cls(memory, session_id=session_id or DEFAULT_SESSION, user_id=user_id, system=system,
-                     token_limit=token_limit, **shared)
+        built = cls(
+            memory,
+            session_id=session_id or DEFAULT_SESSION,
+            user_id=user_id,
+            system=system,
+            token_limit=token_limit,
+            **shared,
+        )
         if chat_history:
             built.set(chat_history)
         return built
@@ -141,11 +155,13 @@ class AbsorberMemory(CoreHandle, BaseMemory):
     def set(self, messages: list[ChatMessage]) -> None:
         """Make `messages` the session's history (see the module doc for what is kept)."""
         core = self._session()
-        system, given = split_prefix(core.validate(to_chat_messages(messages), allow_empty=True))  # before anything stored changes
+        system, given = split_prefix(
+            core.validate(to_chat_messages(messages), allow_empty=True)
+        )  # before anything stored changes
         stored_prefix, stored = self._stored(core)
         if given[: len(stored)] == stored and (not system or system == stored_prefix):
-            if given[len(stored):]:
-                core.add_messages(given[len(stored):], session_id=self.session_id, user_id=self.user_id)
+            if given[len(stored) :]:
+                core.add_messages(given[len(stored) :], session_id=self.session_id, user_id=self.user_id)
             return
         prefix = system or stored_prefix
         core.forget(self.session_id)

@@ -25,7 +25,6 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory.memory import BaseMemoryBlock
 from pydantic import Field
 
-
 from absorber_memory import DEFAULT_SESSION
 
 from .handle import CoreHandle

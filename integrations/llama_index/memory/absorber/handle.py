@@ -27,8 +27,9 @@ def pick_memory(memory: Any, core: Any) -> Any:
     """The core given as `memory=`, or as the deprecated `core=` (with a warning)."""
     if core is None:
         return memory
-    warnings.warn("the keyword `core=` is deprecated; pass the AbsorberMemory as `memory=`", DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn(
+        "the keyword `core=` is deprecated; pass the AbsorberMemory as `memory=`", DeprecationWarning, stacklevel=3
+    )
     if memory is not None and memory is not core:
         raise TypeError("pass the AbsorberMemory once, as `memory=` (not also as `core=`)")
     return core

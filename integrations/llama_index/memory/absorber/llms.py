@@ -27,12 +27,12 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field
 
-from absorber_memory.generation import TextStream, aiterate, sampling_settings
-
 from absorber_memory import DEFAULT_SESSION
+from absorber_memory.generation import TextStream, aiterate, sampling_settings
 
 from .handle import CoreHandle
 from .messages import to_chat_messages
+
 
 class AbsorberLLM(CoreHandle, CustomLLM):
     """LlamaIndex LLM over an `AbsorberMemory` core, answering with a session's adapter.
@@ -69,8 +69,12 @@ class AbsorberLLM(CoreHandle, CustomLLM):
     def _stream(self, prompt: list[dict[str, str]] | str, kwargs: dict[str, Any]) -> TextStream:
         settings = sampling_settings(kwargs.pop("temperature", self.temperature))
         kwargs.pop("formatted", None)
-        return self.memory.stream(prompt, session_id=kwargs.pop("session_id", self.session_id),
-                                max_new_tokens=kwargs.pop("max_tokens", self.max_tokens), **settings)
+        return self.memory.stream(
+            prompt,
+            session_id=kwargs.pop("session_id", self.session_id),
+            max_new_tokens=kwargs.pop("max_tokens", self.max_tokens),
+            **settings,
+        )
 
     # --- completion ---------------------------------------------------------------------
     @llm_completion_callback()
@@ -127,6 +131,11 @@ class AbsorberLLM(CoreHandle, CustomLLM):
 
 
 def _usage(stream: TextStream) -> dict[str, Any]:
-    return {"usage": {"prompt_tokens": stream.input_tokens, "completion_tokens": stream.output_tokens,
-                      "total_tokens": stream.input_tokens + stream.output_tokens},
-            "finish_reason": stream.finish_reason}
+    return {
+        "usage": {
+            "prompt_tokens": stream.input_tokens,
+            "completion_tokens": stream.output_tokens,
+            "total_tokens": stream.input_tokens + stream.output_tokens,
+        },
+        "finish_reason": stream.finish_reason,
+    }

@@ -15,10 +15,10 @@ import pytest
 
 from absorber_memory.persistence import ADAPTER_WEIGHTS
 
-from .test_queue import Controlled
-from .test_sessions import QUESTION, check_invariants
+from ..unit.test_queue import Controlled
+from ..unit.test_sessions import QUESTION, check_invariants
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_until_stalled(data_dir: Path, point: str, tmp_path: Path) -> list[int]:

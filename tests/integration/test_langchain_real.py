@@ -8,7 +8,7 @@ from absorber_memory import AbsorberMemory
 from absorber_memory.demo import DEMO_SETTINGS, FOLLOW_UP, HELD_OUT_QUERIES, PERSONA_CHAT, SYSTEM_PROMPT
 from absorber_memory.metrics import session_fidelity
 
-from .conftest import REAL_MODEL_CACHE
+from ..conftest import REAL_MODEL_CACHE
 
 pytestmark = pytest.mark.slow
 

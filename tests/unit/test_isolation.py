@@ -20,7 +20,7 @@ from absorber_memory.metrics import answer_logprobs
 from absorber_memory.persistence import ADAPTER_WEIGHTS
 from absorber_memory.layout import session_key
 
-from .conftest import turn
+from ..conftest import turn
 from .test_sessions import QUESTION, check_invariants, reference_answer
 
 SESSIONS = [f"s{k}" for k in range(8)]

@@ -15,8 +15,8 @@ from llama_index.core.schema import NodeWithScore, TextNode
 from absorber_memory.errors import ConfigError, InvalidMessageError
 from llama_index.memory.absorber import AbsorberLLM, AbsorberMemory, AbsorptionMemoryBlock
 
-from .scripted import Scripted
-from .test_queue import Controlled
+from ..scripted import Scripted
+from ..unit.test_queue import Controlled
 
 FACTS = [f"My name is Ana and I was born in {1980 + i}. I live in Lisbon." for i in range(6)]
 

@@ -56,7 +56,7 @@ def test_each_overflow_queues_exactly_one_job(make_service):
 
 def test_messages_never_return_absorbed_turns(make_service):
     memory = make_service()
-    history = session_history(memory)("s", user_id="u1")
+    history = session_history(memory, user_id="u1")("s")
     for i in range(5):
         history.add_messages(exchange(i))
     memory.flush()
@@ -96,9 +96,9 @@ def test_runnable_with_message_history(make_service):
 
 def test_system_prompt_becomes_the_prefix(make_service):
     memory = make_service(auto_absorb=False)
-    history = session_history(memory)("s", system="Be kind.")
+    history = session_history(memory, system="Be kind.")("s")
     history.add_messages(exchange(0))
-    again = session_history(memory)("s", system="Be kind.")  # the same prompt again: nothing changes
+    again = session_history(memory, system="Be kind.")("s")  # the same prompt again: nothing changes
     assert [m.content for m in again.messages][:1] == ["Be kind."] and len(again.messages) == 3
     assert memory.prefix("s") == [{"role": "system", "content": "Be kind."}]
 

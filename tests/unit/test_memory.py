@@ -8,7 +8,7 @@ import torch
 from absorber_memory import ConfigError, InvalidMessageError, ParametricMemory, StorageError
 from absorber_memory.persistence import ADAPTER_WEIGHTS
 
-from .conftest import chat
+from ..conftest import chat
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 TURNS = chat(*[f"Turn {i}: my favourite number is {i * 7} and I like Paris." for i in range(12)])

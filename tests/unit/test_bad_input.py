@@ -37,7 +37,7 @@ from absorber_memory.testing import tiny_model
 from langchain_absorber import AbsorberChatMessageHistory, ChatAbsorber
 from llama_index.memory.absorber import AbsorberMemory as LlamaMemory
 
-from .conftest import FAST, SERVICE, turn
+from ..conftest import FAST, SERVICE, turn
 
 
 def user(content: Any) -> list[dict[str, Any]]:
@@ -280,7 +280,7 @@ def test_bad_input_gives_a_clear_error_and_changes_nothing(case, env):
     before = env.snapshot()
     with pytest.raises(case.error, match=case.match):
         case.call(env)
-    if getattr(env.core, "_closed", False):  # the case closed it to open its directory again
+    if env.core.closed:  # the case closed it to open its directory again
         env.core = env.make_service(data_dir=env.core.data_dir)
     after = env.snapshot()
     assert after[:3] == before[:3]  # sessions, messages, jobs

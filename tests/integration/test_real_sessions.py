@@ -7,7 +7,7 @@ from absorber_memory import AbsorberMemory
 from absorber_memory.demo import PERSONA_CHAT, SYSTEM_PROMPT
 from absorber_memory.models import DEFAULT_MODEL, load_model, replica
 
-from .conftest import REAL_MODEL_CACHE
+from ..conftest import REAL_MODEL_CACHE
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from absorber_memory.config import lora_config
 from absorber_memory.persistence import ADAPTER_WEIGHTS, load_adapter_weights
 from absorber_memory.testing import tiny_model
 
-from .conftest import SERVICE, turn
+from ..conftest import SERVICE, turn
 
 QUESTION = [{"role": "user", "content": "What do you remember about me?"}]
 

@@ -13,8 +13,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 from absorber_memory import AbsorberError
 from langchain_absorber import AbsorptionMiddleware, ChatAbsorber
 
-from .scripted import Scripted
-from .test_queue import Controlled
+from ..scripted import Scripted
+from ..unit.test_queue import Controlled
 
 CAP = 700  # `context_tokens`: the hard cap on any prompt, pending absorption included
 CALL = '<tool_call>{"name": "lookup", "arguments": {"topic": "weather %d"}}</tool_call>'

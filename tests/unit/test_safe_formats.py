@@ -13,9 +13,9 @@ from absorber_memory.persistence import ADAPTER_WEIGHTS
 from absorber_memory.layout import inside, session_key
 from absorber_memory.testing import tiny_model
 
-from .conftest import FAST, turn
+from ..conftest import FAST, turn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = re.compile(r"torch\.load\(|\bimport pickle\b|\bpickle\.|weights_only\s*=\s*False|trust_remote_code\s*=\s*True"
                        r"|\bmarshal\.loads|\bshelve\b|\byaml\.load\(")
 

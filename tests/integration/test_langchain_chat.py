@@ -16,8 +16,8 @@ from absorber_memory import AbsorberConfig, AbsorberMemory, SkippedContentWarnin
 from absorber_memory.testing import tiny_model_and_tokenizer
 from langchain_absorber import AbsorberLLM, ChatAbsorber, parse_tool_calls, to_chat, to_chat_messages
 
-from .conftest import FAST
-from .scripted import Scripted
+from ..conftest import FAST
+from ..scripted import Scripted
 
 _SHARED: dict[str, AbsorberMemory] = {}
 

@@ -20,10 +20,10 @@ import torch
 from absorber_memory import SkippedContentWarning, StorageError, losses, persistence
 from absorber_memory.persistence import ADAPTER_WEIGHTS
 
-from .conftest import turn
+from ..conftest import turn
 from .test_sessions import check_invariants
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def talk(memory, turns: range, session: str = "default") -> list[int]:

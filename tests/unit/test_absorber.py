@@ -6,7 +6,7 @@ import torch
 from absorber_memory import AbsorptionError, fidelity
 from absorber_memory.absorber import segment_schedule, trainable_lora_parameters
 
-from .conftest import chat
+from ..conftest import chat
 
 CONTEXT = chat("My name is Ana and I live in Lisbon with my dog Bruno.", "Nice to meet you, Ana!")
 QUERIES = ["What is my name?", "Where do I live?", "Tell me about my dog."]

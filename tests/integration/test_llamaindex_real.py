@@ -8,7 +8,7 @@ from absorber_memory import AbsorberMemory as Core
 from absorber_memory.demo import DEMO_SETTINGS, HELD_OUT_QUERIES, SYSTEM_PROMPT
 from absorber_memory.metrics import session_fidelity
 
-from .conftest import REAL_MODEL_CACHE
+from ..conftest import REAL_MODEL_CACHE
 from .test_langchain_real import USER_TURNS
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from absorber_memory.executor import build_engine
 from absorber_memory.persistence import ADAPTER_WEIGHTS
 from absorber_memory.testing import tiny_model
 
-from .conftest import SERVICE, turn
+from ..conftest import SERVICE, turn
 
 
 class Controlled:

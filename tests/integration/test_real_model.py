@@ -7,7 +7,7 @@ from absorber_memory import models as models_module
 from absorber_memory.demo import HELD_OUT_QUERIES, PERSONA_CHAT, SYSTEM_PROMPT
 from absorber_memory.models import DEFAULT_MODEL, cached_model_dir, load_model
 
-from .conftest import REAL_MODEL_CACHE
+from ..conftest import REAL_MODEL_CACHE
 
 pytestmark = pytest.mark.slow
 
