@@ -229,7 +229,7 @@ class Absorber:
             total = total + self.config.update_penalty_weight * penalty
         return total
 
-    def absorb(
+    def train(
         self,
         prefix: list[Message],
         context: list[Message],

@@ -206,8 +206,8 @@ class JobCoordinator:
                 raise JobCancelled(f"job {job_id}: its session changed while it ran; result discarded")
             commit_version(self.store, self.layout, job, result.version, result.report, spec.base_version)
 
-    def finish(self, job_id: int, status: str, error: str) -> None:
-        """Record a job that did not finish: interrupted (back to queued), failed or cancelled."""
+    def finish(self, job_id: int, status: JobStatus, error: str) -> None:
+        """Record a job that did not commit: interrupted by `close` (back to queued), failed or cancelled."""
         with self.lock:
             spec = self._specs.pop(job_id, None)
             if spec is not None:
@@ -215,10 +215,10 @@ class JobCoordinator:
             job = self.store.job(job_id)
             if job is None:
                 return
-            if status == "interrupted":
+            if status == JobStatus.QUEUED:
                 self.store.requeue_job(job_id)
                 return
-            self.store.end_job(job_id, JobStatus(status), error)
+            self.store.end_job(job_id, status, error)
         if status == JobStatus.FAILED:
             log.warning(
                 "session %r: job %d failed (%s); its messages stay in the window", job.session_id, job_id, error

@@ -156,7 +156,7 @@ class AbsorptionEngine:
             segments.append(chained_probe_segment(answer, prompts, following))
         else:
             segments += probe_segments(answer_all, prompts)
-        report = self.absorber.absorb(
+        report = self.absorber.train(
             prefix,
             context,
             segments,

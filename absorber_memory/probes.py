@@ -40,7 +40,7 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "What plans or upcoming events have I mentioned?",
     "What have I asked you to remember?",
     "What do you know about me so far?",
-    # More generic prompts (session 6): 28 probes with 48-token answers, 14
+    # More generic prompts: 28 probes with 48-token answers, 14
     # per step, closed more of the held-out gap than 14 probes (BENCHMARKS.md).
     "Write a short note to remind me of what I told you.",
     "What would you ask me next, given what you know about me?",

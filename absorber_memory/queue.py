@@ -26,7 +26,7 @@ from collections.abc import Generator
 from typing import Any, Protocol
 
 from .errors import JobCancelled
-from .jobs import Executor, JobInfo, JobResult, JobSpec
+from .jobs import Executor, JobInfo, JobResult, JobSpec, JobStatus
 
 __all__ = ["AbsorptionQueue", "JobHandle", "JobInfo", "QueueHooks"]
 
@@ -40,7 +40,8 @@ class QueueHooks(Protocol):
 
     def commit(self, job_id: int, result: JobResult) -> None: ...
 
-    def finish(self, job_id: int, status: str, error: str) -> None: ...
+    def finish(self, job_id: int, status: JobStatus, error: str) -> None:
+        """Record a job that ended without committing: failed, cancelled, or back to queued (interrupted)."""
 
     def info(self, job_id: int) -> JobInfo: ...
 
@@ -149,7 +150,7 @@ class AbsorptionQueue:
                 queued.remove(job_id)
                 was_queued = True
         if was_queued:
-            self._end(job_id, "cancelled", reason)
+            self._end(job_id, JobStatus.CANCELLED, reason)
         return True
 
     def cancel_session(self, session_id: str, reason: str, *, wait: bool = True) -> list[int]:
@@ -211,7 +212,7 @@ class AbsorptionQueue:
             if cancel.is_set():
                 raise JobCancelled(f"job {job_id} cancelled at step {step}")
 
-        status, error = "done", ""
+        status, error = JobStatus.DONE, ""
         try:
             if cancel.is_set():
                 raise JobCancelled(f"job {job_id} cancelled before it started")
@@ -222,17 +223,17 @@ class AbsorptionQueue:
             self._hooks.commit(job_id, result)
         except JobCancelled as exc:
             # Stopped by `close()`: not the user's cancel, so it stays pending and resumes on reopen.
-            status, error = ("interrupted" if self._closed else "cancelled"), str(exc)
+            status, error = (JobStatus.QUEUED if self._closed else JobStatus.CANCELLED), str(exc)
         except Exception as exc:  # a job's failure must never stop the worker
             log.warning("absorption job %d failed: %s: %s", job_id, type(exc).__name__, exc)
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            status, error = JobStatus.FAILED, f"{type(exc).__name__}: {exc}"
         self._end(job_id, status, error)
 
-    def _end(self, job_id: int, status: str, error: str) -> None:
+    def _end(self, job_id: int, status: JobStatus, error: str) -> None:
         """Record how a job ended and resolve its future (even if recording fails)."""
         info: JobInfo | BaseException
         try:
-            if status != "done":
+            if status != JobStatus.DONE:
                 self._hooks.finish(job_id, status, error)
             info = self._hooks.info(job_id)
         except Exception as exc:

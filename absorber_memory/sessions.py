@@ -33,11 +33,11 @@ import contextlib
 import logging
 import threading
 import warnings
-import weakref
 from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
-from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from . import registry
 from .adapters import AdapterCache
 from .chat import (
     ChatFormat,
@@ -136,8 +136,6 @@ class AbsorberMemory:
         executor: runs absorption jobs (default: threads in this process).
     """
 
-    _open: ClassVar[weakref.WeakValueDictionary[str, AbsorberMemory]] = weakref.WeakValueDictionary()
-
     def __init__(
         self,
         model: str | Path | Any = DEFAULT_MODEL,
@@ -169,16 +167,10 @@ class AbsorberMemory:
             recover_sessions(self.store, self.layout)
             self.coordinator = JobCoordinator(self.store, self.layout, self.config, self.fmt, self.model_name, lock)
             self.queue = self.coordinator.start(executor, self.config.absorb_workers)
-            AbsorberMemory._open[str(self.data_dir.resolve())] = self
+            registry.register(self.data_dir, self)
         except BaseException:
             self.store.close()
             raise
-
-    @classmethod
-    def find_open(cls, data_dir: str | Path) -> AbsorberMemory | None:
-        """The open (not closed) memory of this process on `data_dir`, if any."""
-        memory = cls._open.get(str(Path(data_dir).resolve()))
-        return None if memory is None or memory.closed else memory
 
     def __getattr__(self, name: str) -> Any:
         return _moved(self, name)

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .errors import ConfigError
 from .sessions import AbsorberMemory
 
@@ -58,7 +59,7 @@ def memory_from_spec(spec: dict[str, Any] | None) -> AbsorberMemory:
     if spec is None:
         return shared_memory()
     data_dir = str(Path(spec["data_dir"]).resolve())
-    live = AbsorberMemory.find_open(data_dir)
+    live = registry.find_open(data_dir)
     if live is not None:
         return live
     if not spec.get("model"):

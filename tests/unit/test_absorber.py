@@ -124,7 +124,7 @@ def test_cancel_from_progress_callback_rolls_back(make_memory):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pm.engine.absorber.absorb([], CONTEXT, [chat("hi", "hello")], on_step=cancel)
+        pm.engine.absorber.train([], CONTEXT, [chat("hi", "hello")], on_step=cancel)
     assert all(torch.equal(good[n], p) for n, p in _lora_state(pm).items())
 
 

@@ -8,7 +8,7 @@ the oldest turns in the background (the call returns at once); `get`
 returns the session's system prefix and unabsorbed turns, never absorbed
 ones, which live in the session's adapter.
 
-Choices where the issue was silent, written down:
+Choices written down:
 - `get_all` returns the whole stored conversation, absorbed turns included
   (engines show it as `chat_history`); only `get` is the prompt.
 - `set` with a history that extends the stored one only adds the new tail
