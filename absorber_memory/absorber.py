@@ -55,6 +55,10 @@ class AbsorptionReport:
     seconds: float
     teacher_seconds: float
     loss_curve: list[float] = field(default_factory=list)
+    #: Who taught: "frozen" (first round), "history" (frozen model reading every absorbed message), "chained".
+    teacher: str = "frozen"
+    #: Tokens the teacher read before S (C, plus earlier absorbed messages with a history teacher).
+    teacher_context_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

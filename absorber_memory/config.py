@@ -95,6 +95,11 @@ class AbsorberConfig(BaseModel):
     # --- sync text: probes ---------------------------------------------------
     probe_count: int = Field(8, ge=0, le=64, description="Self-generated probes per absorption (0: none).")
     probe_max_new_tokens: int = Field(24, gt=0, le=4096, description="Length of each teacher answer to a probe.")
+    streaming_teacher: Literal["history", "chained"] = Field(
+        "history",
+        description="Teacher of a later streaming round: `history` = the frozen model reading every absorbed message "
+        "(falls back to `chained` when that does not fit the context); `chained` = the current adapter reading C only.",
+    )
     probe_prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROBES),
         description="Generic, context-free probe questions; rotated across absorptions.",

@@ -171,6 +171,11 @@ class JobCoordinator:
                 raise JobCancelled(f"job {job_id} was deleted before it started")
             job, session, version = claimed
             base = session.adapter_version
+            history = (
+                [m.as_chat() for m in self.store.messages(job.session_id) if m.absorbed and m.role != "system"]
+                if base is not None and self.config.streaming_teacher == "history"
+                else []
+            )
             prefix: list[Message] = [
                 m.as_chat() for m in self.store.messages(job.session_id, window_only=True) if m.role == "system"
             ]
@@ -182,6 +187,7 @@ class JobCoordinator:
                 prefix=prefix,
                 context=[msgs[i].as_chat() for i in job.context_ids],
                 following=[msgs[i].as_chat() for i in job.following_ids],
+                history=history,
                 base_adapter=None if base is None else str(self.layout.adapter_dir(job.session_id, base)),
                 base_version=base,
                 output=str(self.layout.adapter_dir(job.session_id, version)),

@@ -124,6 +124,7 @@ class AbsorptionEngine:
         n_probes: int,
         following: list[Message] | None = None,
         base_teacher: bool,
+        history: list[Message] | None = None,
         round_index: int = 0,
         on_step: StepCallback | None = None,
     ) -> AbsorptionReport:
@@ -139,17 +140,24 @@ class AbsorptionEngine:
             following: the turns after C; when given, the probes are asked after them in one segment.
             base_teacher: the teacher is the frozen model (no absorption yet) rather than the current adapter.
             round_index: which absorption this is (rotates the probe prompts).
+            history: the messages earlier rounds absorbed, oldest first. When `[prefix; history; C; S]`
+                fits the context, the frozen model reading all of it teaches this round (probe answers
+                included) and the student continues from the current adapter; otherwise the current
+                adapter reading C alone teaches (the chained teacher).
             on_step: `on_step(step, loss)` after each loss; may raise to cancel (the adapter rolls back).
         """
         start = time.perf_counter()
         prompts = pick_probes(self.config.probe_prompts, n_probes, round_index)
         max_new = self.config.probe_max_new_tokens
+        kind, read = ("frozen" if base_teacher else "chained"), context
+        if history and not base_teacher and self.history_fits(prefix, history + context, following, len(prompts)):
+            kind, read, base_teacher = "history", history + context, True
 
         def answer(question: list[Message]) -> str:
-            return self.generate(prefix, context + question, max_new, base=base_teacher)
+            return self.generate(prefix, read + question, max_new, base=base_teacher)
 
         def answer_all(questions: list[list[Message]]) -> list[str]:
-            return self.generate_all(prefix, [context + q for q in questions], max_new, base=base_teacher)
+            return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher)
 
         segments = list(segments or [])
         if following:
@@ -158,13 +166,15 @@ class AbsorptionEngine:
             segments += probe_segments(answer_all, prompts)
         report = self.absorber.train(
             prefix,
-            context,
+            read,
             segments,
             base_teacher=base_teacher,
             probes=len(prompts),
             teacher_seconds=time.perf_counter() - start,
             on_step=on_step,
         )
+        report.teacher, report.teacher_context_tokens = kind, report.context_tokens
+        report.context_tokens = len(self.fmt.encode_segments(context))
         log.info(
             "absorbed %d tokens in %d steps (%.1f s), loss %.4f -> %.4f",
             report.context_tokens,
@@ -174,6 +184,16 @@ class AbsorptionEngine:
             report.final_loss,
         )
         return report
+
+    def history_fits(
+        self, prefix: list[Message], teacher_context: list[Message], following: list[Message] | None, probes: int
+    ) -> bool:
+        """Whether a teacher reading `[prefix; teacher_context; following; probes and answers]` fits the context.
+
+        Each probe is allowed 32 tokens for its question plus `probe_max_new_tokens` for its answer.
+        """
+        used = len(self.fmt.prefix_ids(prefix)) + sum(self.fmt.count(m) for m in teacher_context + (following or []))
+        return used + probes * (32 + self.config.probe_max_new_tokens) <= self.limit
 
     # --- generation -----------------------------------------------------------------------
     def scope(self, base: bool) -> contextlib.AbstractContextManager[Any]:

@@ -51,6 +51,7 @@ def run_job(engine: AbsorptionEngine, spec: JobSpec, on_step: StepCallback | Non
         n_probes=engine.config.probe_count,
         following=spec.following,
         base_teacher=spec.base_adapter is None,
+        history=spec.history,
         round_index=spec.round_index,
         on_step=on_step,
     )

@@ -55,6 +55,8 @@ class JobSpec(BaseModel):
     prefix: list[dict[str, str]]
     context: list[dict[str, str]]  # C: the messages absorbed
     following: list[dict[str, str]]  # the turns after C, read first in the sync text S
+    # What earlier rounds absorbed, for a teacher that reads the whole history (`streaming_teacher`).
+    history: list[dict[str, str]] = []
     base_adapter: str | None  # folder to continue from; None: a fresh adapter taught by the frozen model
     base_version: int | None
     output: str  # folder to write the new adapter to

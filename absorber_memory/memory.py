@@ -213,7 +213,13 @@ class ParametricMemory:
         n_probes: int,
         following: list[Message] | None = None,
     ) -> AbsorptionReport:
-        """One round on this memory's own history (the first absorption is taught by the frozen model)."""
+        """One round on this memory's own history (the first absorption is taught by the frozen model).
+
+        Overflow rounds pass the messages absorbed so far as `history` (for the history teacher), unless
+        an explicit `absorb` call put text into the adapter that the transcript does not hold.
+        """
+        streaming = following is not None and all(e["first"] is not None for e in self._log)
+        history = self._transcript[: self._absorbed] if streaming and self.config.streaming_teacher == "history" else []
         return self.engine.run_round(
             prefix,
             context,
@@ -221,6 +227,7 @@ class ParametricMemory:
             n_probes=n_probes,
             following=following,
             base_teacher=not self._log,
+            history=history,
             round_index=len(self._log),
         )
 
