@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from absorber_memory import AbsorberConfig, AbsorberMemory, LocalExecutor, executor, persistence
+from absorber_memory.store import Store
 from absorber_memory.testing import tiny_model, tiny_tokenizer
 
 from .conftest import SERVICE, turn
@@ -42,15 +43,15 @@ def main() -> None:
         time.sleep(WIDEN)
 
     persistence.save_file = slow_save
-    real_commit = AbsorberMemory.commit_version
+    real_commit = Store.commit_job
 
-    def noted_commit(self, job, version, report, previous):
+    def noted_commit(self, job, version, report):
         note(phase="commit")
         time.sleep(WIDEN)
-        real_commit(self, job, version, report, previous)
+        real_commit(self, job, version, report)
         note(phase="committed")
 
-    AbsorberMemory.commit_version = noted_commit
+    Store.commit_job = noted_commit
     real_run = executor.run_job
 
     def noted_run(engine, spec, on_step=None):

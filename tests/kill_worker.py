@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from absorber_memory import AbsorberConfig, AbsorberMemory, LocalExecutor, persistence
+from absorber_memory.store import Store
 from absorber_memory.testing import tiny_model, tiny_tokenizer
 
 from .conftest import SERVICE, turn
@@ -61,14 +62,14 @@ def main() -> None:
 
         persistence.save_file = half_save
     if point == "commit":
-        real_commit = AbsorberMemory.commit_version
+        real_commit = Store.commit_job
 
-        def stalled_commit(self, job, version, report, previous):
+        def stalled_commit(self, job, version, report):
             if job.id == 2:
                 stall()
-            real_commit(self, job, version, report, previous)
+            real_commit(self, job, version, report)
 
-        AbsorberMemory.commit_version = stalled_commit
+        Store.commit_job = stalled_commit
     memory = AbsorberMemory(model, tokenizer=tokenizer, config=quiet, data_dir=data_dir, executor=Stalling())
     for k in range(6):
         stored += memory.add_messages(turn(k))

@@ -1,4 +1,4 @@
-"""`absorber-memory bench {fidelity,latency,ablations,all}`: run the suite, write JSON, tables and plots.
+"""`absorber-memory bench {fidelity,latency,ablations,streaming,all}`: run the suite; JSON, tables and plots.
 
 `--quick` shrinks every experiment (fewer conversations, queries, steps and
 lengths) to a few minutes on a 2-core CPU; the full settings are what
@@ -75,6 +75,32 @@ SETTINGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: The streaming benchmark's sessions and window (full: the setting the agent path is judged on).
+STREAMING: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        dev=[100],
+        test=[0],
+        chat_messages=6,
+        queries=3,
+        window=60,
+        absorb=30,
+        sync=30,
+        max_new_tokens=8,
+        train=dict(max_steps=4, probe_count=2, probe_max_new_tokens=8),
+    ),
+    "full": dict(
+        dev=[100, 101],
+        test=[0, 1, 2],
+        chat_messages=14,
+        queries=6,
+        window=256,
+        absorb=128,
+        sync=128,
+        max_new_tokens=24,
+        train={},
+    ),
+}
+
 
 def _loader(model: str, device: str, threads: int | None) -> Any:
     """A function rank -> fresh AbsorptionEngine (a new base model each call, so LoRA shapes can differ)."""
@@ -90,6 +116,104 @@ def _loader(model: str, device: str, threads: int | None) -> Any:
         return AbsorptionEngine(model, config=config)
 
     return load
+
+
+def _streaming(
+    out: Path,
+    quick: bool,
+    model: str,
+    device: str,
+    threads: int | None,
+    split: str,
+    overrides: dict[str, Any],
+    meta: dict[str, Any],
+) -> list[Path]:
+    """`bench streaming`: the agent path against full context, truncation, running summary and one-shot."""
+    from tqdm.auto import tqdm
+
+    from ..config import AbsorberConfig
+    from ..engine import AbsorptionEngine
+    from ..sessions import AbsorberMemory
+    from .streaming import agent_chats, plot_streaming, streaming_experiment
+
+    st = STREAMING["quick" if quick else "full"]
+    base = dict(
+        window_tokens=st["window"],
+        absorb_tokens=st["absorb"],
+        sync_tokens=st["sync"],
+        device=device,
+        num_threads=threads,
+        show_progress=False,
+        **st["train"],
+    )
+    config = AbsorberConfig(**{**base, **overrides})  # bad `--set` values fail here, before anything loads
+    teachers: list[str] = [
+        config.streaming_teacher,
+        *(t for t in ("history", "chained") if t != config.streaming_teacher),
+    ]
+
+    def loaded() -> tuple[Any, Any]:
+        if model == "tiny":
+            from ..testing import tiny_model_and_tokenizer
+
+            return tiny_model_and_tokenizer()
+        return model, None
+
+    def load_engine() -> Any:
+        m, tok = loaded()
+        return AbsorptionEngine(m, tokenizer=tok, config=config)
+
+    def make_memory(data_dir: Path, extra: dict[str, Any]) -> Any:
+        m, tok = loaded()
+        cfg = config.model_copy(update=extra)
+        return AbsorberMemory(m, tokenizer=tok, config=AbsorberConfig(**cfg.model_dump()), data_dir=data_dir)
+
+    chats = agent_chats(
+        st[split], st["chat_messages"], chitchat_seed=0 if split == "test" else 1, queries=st["queries"]
+    )
+    bar = tqdm(total=len(chats) * (len(teachers) + 6), desc="streaming", unit="run")
+    started = time.perf_counter()
+    result = streaming_experiment(
+        load_engine, make_memory, chats, teachers=teachers, max_new_tokens=st["max_new_tokens"], tick=_ticker(bar)
+    )
+    bar.close()
+    settings = {
+        **st,
+        "split": split,
+        "config": config.model_dump(mode="json"),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    table = markdown_table(
+        result["rows"],
+        [
+            "method",
+            "kl",
+            "gap_closed",
+            "recall",
+            "relative_recall",
+            "seconds",
+            "absorbed_tokens",
+            "s_per_absorbed_token",
+            "x_prefill_4k",
+            "train_gflops",
+            "teachers",
+        ],
+    )
+    return write_outputs(out, "streaming", {**meta, "settings": settings, **result}, table, plot_streaming)
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`["probe_count=16", "lr=3e-4"]` -> config overrides (values parsed as JSON where they parse)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _machine() -> dict[str, Any]:
@@ -134,8 +258,14 @@ def run(
     device: str,
     threads: int | None,
     factors: list[str] | None = None,
+    split: str = "test",
+    overrides: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Run one subcommand (or `all`); returns the files written. `factors` limits the ablation grid."""
+    """Run one subcommand (or `all`); returns the files written.
+
+    `factors` limits the ablation grid; `split` picks the streaming benchmark's
+    sessions (`dev` for tuning, `test` for reporting); `overrides` are its config changes.
+    """
     from tqdm.auto import tqdm
 
     s = SETTINGS["quick" if quick else "full"]
@@ -144,10 +274,14 @@ def run(
         if unknown:
             raise SystemExit(f"--factors: unknown {unknown}; choose from {sorted(s['ablation'])}")
         s = {**s, "ablation": {k: v for k, v in s["ablation"].items() if k in factors}}
-    load = _loader(model, device, threads)
-    pm = load()
     written: list[Path] = []
     meta = {"command": command, "quick": quick, "model": model, "machine": _machine()}
+    if command in ("streaming", "all"):
+        written += _streaming(out, quick, model, device, threads, split, overrides or {}, meta)
+        if command == "streaming":
+            return written
+    load = _loader(model, device, threads)
+    pm = load()
     dev, test = _conversations(s) if command != "latency" else ([], [])
     if command in ("fidelity", "all"):
         absorbing = sum(m.kind == "absorb" for m in METHODS)
@@ -257,7 +391,7 @@ def _ticker(bar: Any) -> Any:
 def add_parser(sub: Any) -> None:
     """Register `bench` on the main CLI's subparsers."""
     bench = sub.add_parser("bench", help="run the benchmark suite (JSON + markdown + PNG per experiment)")
-    bench.add_argument("experiment", choices=["fidelity", "latency", "ablations", "all"])
+    bench.add_argument("experiment", choices=["fidelity", "latency", "ablations", "streaming", "all"])
     bench.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
     bench.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     bench.add_argument("--model", default="smollm2-135m-instruct", help="model name, HF id, path, or 'tiny'")
@@ -265,6 +399,19 @@ def add_parser(sub: Any) -> None:
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     bench.add_argument(
         "--factors", nargs="+", default=None, help="ablations: run only these factors (e.g. update_penalty lora_rank)"
+    )
+    bench.add_argument(
+        "--split",
+        choices=["test", "dev"],
+        default="test",
+        help="streaming: reported sessions (test) or tuning sessions (dev)",
+    )
+    bench.add_argument(
+        "--set",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="streaming: AbsorberConfig overrides, e.g. --set probe_count=16 streaming_teacher=chained",
     )
 
 
@@ -277,6 +424,8 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         factors=args.factors,
+        split=args.split,
+        overrides=parse_overrides(args.set),
     )
     print(json.dumps([str(p) for p in paths], indent=2))
     return 0

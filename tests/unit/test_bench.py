@@ -14,7 +14,7 @@ from absorber_memory.probes import DEFAULT_PROBES
 
 def test_quick_bench_writes_json_tables_and_plots(tmp_path, capsys):
     assert main(["bench", "all", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
-    for name in ("fidelity", "latency", "ablations"):
+    for name in ("fidelity", "latency", "ablations", "streaming"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["quick"] is True and data["machine"]["torch"]
         assert (tmp_path / f"{name}.md").read_text().startswith("| ")
@@ -27,6 +27,51 @@ def test_quick_bench_writes_json_tables_and_plots(tmp_path, capsys):
     latency = json.loads((tmp_path / "latency.json").read_text())
     assert {r["setting"] for r in latency["rows"]} == {"full context", "absorber"}
     assert str(tmp_path / "ablations.png") in capsys.readouterr().out
+
+
+def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
+    assert main(["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "streaming.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == ["full", "truncation", "summary", "one-shot", "stream-history", "stream-chained"]
+    assert rows["full"]["kl"] == pytest.approx(0.0, abs=1e-6) and rows["truncation"]["gap_closed"] == 0.0
+    assert rows["stream-history"]["teachers"] == "frozen,history" and rows["stream-chained"]["teachers"] == (
+        "chained,frozen"
+    )
+    for name in ("one-shot", "stream-history", "stream-chained"):
+        assert rows[name]["absorbed_tokens"] > 0 and rows[name]["x_prefill_4k"] > 0
+    assert data["prefill_s_per_token_4k"] > 0 and data["matmul_peak_gflops"] > 0
+    assert data["settings"]["split"] == "test" and (tmp_path / "streaming.png").exists()
+    summary = data["raw"]["summary"][0]["summary"]
+    assert isinstance(summary, str)
+
+
+def test_streaming_dev_and_test_sessions_never_overlap():
+    from absorber_memory.bench.cli import STREAMING
+    from absorber_memory.bench.streaming import agent_chats
+
+    for size in STREAMING.values():
+        assert not set(size["dev"]) & set(size["test"])
+    dev = agent_chats([100], 6, chitchat_seed=1, queries=3)
+    test = agent_chats([0], 6, chitchat_seed=0, queries=3)
+    assert dev[0].messages[8:] != test[0].messages[8:]  # different real chats after the facts
+    assert dev[0].messages[0]["content"] != test[0].messages[0]["content"]
+    assert all(not set(c.queries) & set(DEFAULT_PROBES) for c in dev + test)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (["--set", "probe_count"], SystemExit, "KEY=VALUE"),
+        (["--set", "no_such_field=1"], ValueError, "no_such_field"),
+        (["--set", "probe_count=-1"], ValueError, "probe_count"),
+        (["--set", "streaming_teacher=oracle"], ValueError, "streaming_teacher"),
+    ],
+)
+def test_streaming_bad_overrides_fail_before_anything_runs(tmp_path, args, error, match):
+    with pytest.raises(error, match=match):
+        main(["bench", "streaming", "--quick", "--model", "tiny", "--out", str(tmp_path), *args])
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_persona_chats_vary_and_queries_are_held_out():

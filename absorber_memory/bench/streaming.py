@@ -1,0 +1,364 @@
+"""The streaming benchmark: the agent path every integration uses, against the memories it replaces.
+
+Each session is an agent conversation: the user states facts in the first
+turns, then real small talk from `chitchat-dataset` follows; held-out
+questions about the facts come after the window (never probes). Messages go
+one by one through `AbsorberMemory` (window of `window_tokens`, rounds of
+`absorb_tokens`/`sync_tokens`, absorption in the background), then the
+queue is flushed. Side by side, on the same transcript, window and questions:
+
+- `full`: the whole conversation in the prompt (the upper bound);
+- `truncation`: the window alone (a buffer memory);
+- `summary`: a running summary (each absorbed chunk folded into it by the
+  same frozen model, as LangChain's `SummarizationMiddleware` does) in the
+  system prompt, plus the window;
+- `one-shot`: everything that left the window absorbed in one round, taught
+  by the frozen model (the target the streaming path should reach);
+- `stream-<teacher>`: the session's adapter after streaming, for each
+  `streaming_teacher` compared (`history` is the default, `chained` the
+  previous behaviour).
+
+Scores: per-token KL to the full-context model along its greedy answers,
+gap closed vs truncation, keyword recall, and recall relative to the
+teacher (of the questions the full-context model answers correctly, how
+many the method answers correctly); costs: absorption seconds, seconds per
+absorbed token, and the same model's prefill seconds per token (on the
+transcript and at 4k tokens), so the cost of absorbing reads as a multiple
+of prefilling.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..chat import Message
+from .data import Conversation, chitchat_conversations, persona_conversation
+from .methods import recall_hit, references, score
+
+SUMMARY_UPDATE = (
+    "Update the summary of our conversation with the messages above. Keep every name, place, job, number and "
+    "date the user mentioned. Answer with the summary only, in at most three sentences."
+)
+
+
+@dataclass
+class AgentChat:
+    """One session: system prefix, the messages in order (facts first), held-out questions and their keywords."""
+
+    name: str
+    prefix: list[Message]
+    messages: list[Message]
+    queries: list[str]
+    keywords: list[list[str]]
+
+
+def agent_chats(seeds: list[int], chat_messages: int, chitchat_seed: int, queries: int) -> list[AgentChat]:
+    """Persona facts (seeded) followed by `chat_messages` real chat messages, one chat per seed."""
+    real = chitchat_conversations(len(seeds), seed=chitchat_seed, min_messages=chat_messages)
+    chats = []
+    for seed, chat in zip(seeds, real, strict=True):
+        persona = persona_conversation(seed)
+        talk = (chat.context + chat.window)[:chat_messages]
+        chats.append(
+            AgentChat(
+                f"agent-{seed}-{chat.name}",
+                persona.prefix,
+                persona.context + talk,
+                persona.queries[:queries],
+                persona.keywords[:queries],
+            )
+        )
+    return chats
+
+
+def stream_session(
+    make_memory: Callable[..., Any], chat: AgentChat, data_dir: Path, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Feed `chat` message by message through a fresh `AbsorberMemory`, wait for absorption, and describe it."""
+    memory = make_memory(data_dir, overrides)
+    try:
+        memory.set_prefix("s", chat.prefix)
+        started = time.perf_counter()
+        for message in chat.messages:
+            memory.add_messages([message], session_id="s")
+        memory.flush()
+        wall = time.perf_counter() - started
+        jobs = memory.jobs("s")
+        bad = [f"job {j.id}: {j.status} {j.error}" for j in jobs if j.status != "done"]
+        if bad:
+            raise RuntimeError(f"streaming absorption did not finish: {bad}")
+        rows = {m.id: m for m in memory.transcript("s")}
+        adapter = memory.adapter_path("s")
+        kept = data_dir / "adapter"
+        if adapter is not None:
+            shutil.copytree(adapter, kept)
+        return {
+            "absorbed": [m.as_chat() for m in rows.values() if m.absorbed and m.role != "system"],
+            "window": [m.as_chat() for m in memory.window("s")],
+            "chunks": [[rows[i].as_chat() for i in j.message_ids] for j in jobs],
+            "adapter": kept if adapter is not None else None,
+            "jobs": [{k: j.metrics.get(k) for k in _JOB_FIELDS} for j in jobs],
+            "wall_seconds": wall,
+        }
+    finally:
+        memory.close()
+
+
+_JOB_FIELDS = (
+    "teacher",
+    "context_tokens",
+    "teacher_context_tokens",
+    "sync_tokens",
+    "steps",
+    "seconds",
+    "teacher_seconds",
+    "final_loss",
+)
+
+
+def running_summary(engine: Any, prefix: list[Message], chunks: list[list[Message]], max_new_tokens: int) -> str:
+    """Fold each absorbed chunk into a summary with the frozen model, oldest first."""
+    summary = ""
+    for chunk in chunks:
+        so_far = [{"role": "user", "content": f"Summary so far: {summary}"}] if summary else []
+        ask = [{"role": "user", "content": SUMMARY_UPDATE}]
+        summary = engine.generate(prefix, so_far + chunk + ask, max_new_tokens, base=True).strip()
+    return summary
+
+
+def with_summary(prefix: list[Message], summary: str) -> list[Message]:
+    text = (prefix[0]["content"] + "\n\n" if prefix else "") + f"Summary of the earlier conversation: {summary}"
+    return [{"role": "system", "content": text}] + prefix[1:]
+
+
+def prefill_seconds_per_token(engine: Any, ids: list[int], tokens: int) -> float:
+    """Seconds per token of one no-grad forward over `tokens` tokens (the transcript's ids, repeated): best of 2."""
+    seq = (ids * (tokens // max(1, len(ids)) + 1))[:tokens]
+    device = next(engine.model.parameters()).device
+    best = float("inf")
+    with torch.no_grad(), engine.adapter_disabled():
+        for _ in range(2):
+            start = time.perf_counter()
+            engine.model(input_ids=torch.tensor([seq], device=device), use_cache=False, logits_to_keep=1)
+            best = min(best, time.perf_counter() - start)
+    return best / tokens
+
+
+def _following(engine: Any, window: list[Message], sync_tokens: int) -> list[Message]:
+    """The window's first messages within `sync_tokens` (what a round's S starts with)."""
+    out, used = [], 0
+    for m in window:
+        used += engine.fmt.count(m)
+        if used > sync_tokens:
+            break
+        out.append(m)
+    return out
+
+
+def evaluate_chat(
+    engine: Any, chat: AgentChat, streams: dict[str, dict[str, Any]], max_new_tokens: int, tick: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Score every method on one chat; returns method -> raw result."""
+    first = next(iter(streams.values()))
+    conv = Conversation(
+        chat.name, "agent", first["absorbed"], first["window"], chat.queries, chat.keywords, chat.prefix
+    )
+    refs = references(engine, conv, max_new_tokens)
+    results: dict[str, dict[str, Any]] = {}
+
+    def run(name: str, prefix: list[Message], *, with_context: bool, adapter: bool, **cost: Any) -> None:
+        tick(f"{name} on {chat.name}")
+        results[name] = {
+            **score(
+                engine, conv, refs, prefix, with_context=with_context, adapter=adapter, max_new_tokens=max_new_tokens
+            ),
+            **cost,
+        }
+
+    run("full", chat.prefix, with_context=True, adapter=False)
+    run("truncation", chat.prefix, with_context=False, adapter=False)
+    start = time.perf_counter()
+    summary = running_summary(engine, chat.prefix, first["chunks"], 64)
+    run(
+        "summary",
+        with_summary(chat.prefix, summary),
+        with_context=False,
+        adapter=False,
+        seconds=time.perf_counter() - start,
+        summary=summary,
+    )
+    tick(f"one-shot absorption on {chat.name}")
+    engine.reset_adapter()
+    report = engine.run_round(
+        chat.prefix,
+        conv.context,
+        [],
+        n_probes=engine.config.probe_count,
+        following=_following(engine, conv.window, engine.config.sync_tokens),
+        base_teacher=True,
+    )
+    run(
+        "one-shot",
+        chat.prefix,
+        with_context=False,
+        adapter=True,
+        seconds=report.seconds,
+        absorbed_tokens=report.context_tokens,
+        jobs=[report.to_dict()],
+    )
+    for name, stream in streams.items():
+        if stream["window"] != conv.window:
+            raise RuntimeError(f"{name}: its window differs from the others' (planning should not depend on it)")
+        engine.load_adapter(stream["adapter"])
+        run(
+            name,
+            chat.prefix,
+            with_context=False,
+            adapter=True,
+            seconds=sum(j["seconds"] for j in stream["jobs"]),
+            absorbed_tokens=sum(j["context_tokens"] for j in stream["jobs"]),
+            jobs=stream["jobs"],
+            wall_seconds=stream["wall_seconds"],
+        )
+    for result in results.values():
+        result["hit_list"] = [
+            bool(ref.keywords) and recall_hit(a, ref.keywords) for ref, a in zip(refs, result["answers"], strict=True)
+        ]
+    results["full"]["references"] = [r.answer for r in refs]
+    return results
+
+
+def linear_params(model: Any) -> int:
+    """Weights of the decoder's linear layers (the matmuls a training step runs; embeddings and head excluded)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return sum(
+        m.weight.numel()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    )
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 matmul FLOP/s on this device (best of `repeats`)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params: int) -> list[dict[str, Any]]:
+    """One row per method, pooled over chats (KL over all answer tokens, recall over all questions)."""
+
+    def kl(rs: list[dict[str, Any]]) -> float:
+        return sum(r["kl_sum"] for r in rs) / max(1, sum(r["tokens"] for r in rs))
+
+    base = kl(raw["truncation"])
+    teacher_right = [h for r in raw["full"] for h in r["hit_list"]]
+    rows = []
+    for name, rs in raw.items():
+        hits = [h for r in rs for h in r["hit_list"]]
+        both = sum(h and t for h, t in zip(hits, teacher_right, strict=True))
+        absorbed = sum(r.get("absorbed_tokens", 0) for r in rs)
+        seconds = sum(r.get("seconds", 0.0) for r in rs)
+        jobs = [j for r in rs for j in r.get("jobs", [])]
+        train = sum(j["seconds"] - j["teacher_seconds"] for j in jobs)
+        step_tokens = sum(j["steps"] * j["sync_tokens"] for j in jobs)
+        rows.append(
+            {
+                "method": name,
+                "kl": kl(rs),
+                "gap_closed": 1.0 - kl(rs) / base if base > 0 else None,
+                "recall": sum(hits) / max(1, len(hits)),
+                "relative_recall": both / sum(teacher_right) if sum(teacher_right) else None,
+                "seconds": seconds,
+                "absorbed_tokens": absorbed or None,
+                "s_per_absorbed_token": seconds / absorbed if absorbed else None,
+                "x_prefill_4k": seconds / absorbed / prefill_4k if absorbed else None,
+                "train_gflops": 4 * params * step_tokens / train / 1e9 if train > 0 else None,
+                "teachers": ",".join(sorted({str(j.get("teacher")) for j in jobs})) or None,
+            }
+        )
+    return rows
+
+
+def streaming_experiment(
+    load_engine: Callable[[], Any],
+    make_memory: Callable[..., Any],
+    chats: list[AgentChat],
+    *,
+    teachers: list[str],
+    max_new_tokens: int,
+    tick: Callable[[str], None],
+) -> dict[str, Any]:
+    """Stream each chat once per teacher, evaluate every method, pool; returns JSON-ready results."""
+    engine = load_engine()
+    raw: dict[str, list[dict[str, Any]]] = {}
+    prefill: list[dict[str, float]] = []
+    work = Path(tempfile.mkdtemp(prefix="absorber-streaming-"))
+    try:
+        for chat in chats:
+            streams = {}
+            for teacher in teachers:
+                tick(f"stream {chat.name} ({teacher} teacher)")
+                streams[f"stream-{teacher}"] = stream_session(
+                    make_memory, chat, work / f"{chat.name}-{teacher}", {"streaming_teacher": teacher}
+                )
+            for name, result in evaluate_chat(engine, chat, streams, max_new_tokens, tick).items():
+                raw.setdefault(name, []).append({"chat": chat.name, **result})
+            ids = engine.fmt.encode(chat.prefix, chat.messages)
+            prefill.append(
+                {
+                    "transcript_tokens": len(ids),
+                    "transcript": prefill_seconds_per_token(engine, ids, len(ids)),
+                    "at_4k": prefill_seconds_per_token(engine, ids, 4096),
+                }
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    prefill_4k = min(p["at_4k"] for p in prefill)
+    params = linear_params(engine.model)
+    return {
+        "rows": pooled_rows(raw, prefill_4k, params),
+        "prefill": prefill,
+        "prefill_s_per_token_4k": prefill_4k,
+        "matmul_peak_gflops": matmul_peak_flops() / 1e9,
+        "linear_params": params,
+        "chats": [c.name for c in chats],
+        "raw": raw,
+    }
+
+
+def plot_streaming(result: dict[str, Any], path: Path) -> None:
+    from .report import _pyplot
+
+    plt = _pyplot()
+    rows = [r for r in result["rows"] if r["method"] != "full"]
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].barh(names, [r["gap_closed"] or 0.0 for r in rows], color="tab:blue")
+    axes[0].axvline(0, color="black", linewidth=0.8)
+    axes[0].set_xlabel("KL gap closed vs truncation")
+    axes[1].barh(names, [r["relative_recall"] or 0.0 for r in rows], color="tab:green")
+    axes[1].set_xlabel("recall relative to the full-context model")
+    costly = [r for r in rows if r["x_prefill_4k"]]
+    axes[2].scatter([r["x_prefill_4k"] for r in costly], [r["gap_closed"] or 0.0 for r in costly])
+    for r in costly:
+        axes[2].annotate(r["method"], (r["x_prefill_4k"], r["gap_closed"] or 0.0), fontsize=8)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("absorption cost per token, x prefill at 4k")
+    axes[2].set_ylabel("gap closed")
+    fig.suptitle(f"Streaming agent path on {len(result['chats'])} held-out chats")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
