@@ -350,15 +350,16 @@ def plot_streaming(result: dict[str, Any], path: Path) -> None:
     axes[0].axvline(0, color="black", linewidth=0.8)
     axes[0].set_xlabel("KL gap closed vs truncation")
     axes[1].barh(names, [r["relative_recall"] or 0.0 for r in rows], color="tab:green")
+    axes[1].set_xlim(0, 1)
     axes[1].set_xlabel("recall relative to the full-context model")
     costly = [r for r in rows if r["x_prefill_4k"]]
     axes[2].scatter([r["x_prefill_4k"] for r in costly], [r["gap_closed"] or 0.0 for r in costly])
     for r in costly:
         axes[2].annotate(r["method"], (r["x_prefill_4k"], r["gap_closed"] or 0.0), fontsize=8)
-    axes[2].set_xscale("log")
     axes[2].set_xlabel("absorption cost per token, x prefill at 4k")
     axes[2].set_ylabel("gap closed")
-    fig.suptitle(f"Streaming agent path on {len(result['chats'])} held-out chats")
+    split = result.get("settings", {}).get("split", "test")
+    fig.suptitle(f"Streaming agent path: {len(result['chats'])} {split} sessions (questions never used as probes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
