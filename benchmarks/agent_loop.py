@@ -95,7 +95,7 @@ def measure_switch(memory: AbsorberMemory, sessions: int, repeats: int = 20) -> 
 
     def switch(sid: str) -> float:
         began = time.perf_counter()
-        with cache.use(session_key(sid), lambda: memory._committed(sid)):
+        with memory.adapted_model(sid):
             pass
         return time.perf_counter() - began
 
