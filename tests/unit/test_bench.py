@@ -109,3 +109,19 @@ def test_cpu_peak_memory_sees_the_decode_not_the_model_load():
 
     # ru_maxrss (the first version) read 0 here: loading the model had set a higher peak
     assert peak_mib("tiny", 0, 256, 4, torch.device("cpu")) > 0
+
+
+def test_agent_loop_script_runs_on_the_tiny_model(tmp_path):
+    """The scripts under benchmarks/ use the public API only; run one end to end so it cannot rot."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "loop.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/agent_loop.py", "--tiny", "--sessions", "2", "--turns", "3", "--json", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data and "adapter switch" in done.stdout
