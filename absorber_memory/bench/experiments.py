@@ -156,7 +156,7 @@ def ablation_experiment(
                     conv.prefix,
                 )
             elif factor == "sync_tokens":
-                sync = _capped(pm, conv.window, value)
+                sync = capped(pm, conv.window, value)
             elif factor == "update_penalty":
                 overrides = {"update_penalty": value[0], "update_penalty_weight": value[1]}
             elif factor == "loss_threshold":
@@ -210,7 +210,7 @@ def _truncation_kl(pm: Any, conv: Conversation, refs: list[Any], max_new_tokens:
     return r["kl_sum"] / r["tokens"]
 
 
-def _capped(pm: Any, messages: list[dict[str, str]], tokens: int) -> list[dict[str, str]]:
+def capped(pm: Any, messages: list[dict[str, str]], tokens: int) -> list[dict[str, str]]:
     """The leading whole messages that fit in `tokens`."""
     kept, used = [], 0
     for message in messages:

@@ -41,6 +41,7 @@ import torch
 
 from ..chat import Message
 from .data import Conversation, chitchat_conversations, persona_conversation
+from .experiments import capped
 from .methods import recall_hit, references, score
 
 SUMMARY_UPDATE = (
@@ -152,17 +153,6 @@ def prefill_seconds_per_token(engine: Any, ids: list[int], tokens: int) -> float
     return best / tokens
 
 
-def _following(engine: Any, window: list[Message], sync_tokens: int) -> list[Message]:
-    """The window's first messages within `sync_tokens` (what a round's S starts with)."""
-    out, used = [], 0
-    for m in window:
-        used += engine.fmt.count(m)
-        if used > sync_tokens:
-            break
-        out.append(m)
-    return out
-
-
 def evaluate_chat(
     engine: Any, chat: AgentChat, streams: dict[str, dict[str, Any]], max_new_tokens: int, tick: Callable[[str], None]
 ) -> dict[str, dict[str, Any]]:
@@ -202,7 +192,7 @@ def evaluate_chat(
         conv.context,
         [],
         n_probes=engine.config.probe_count,
-        following=_following(engine, conv.window, engine.config.sync_tokens),
+        following=capped(engine, conv.window, engine.config.sync_tokens),
         base_teacher=True,
     )
     run(
