@@ -171,14 +171,10 @@ class JobCoordinator:
                 raise JobCancelled(f"job {job_id} was deleted before it started")
             job, session, version = claimed
             base = session.adapter_version
-            history = (
-                [m.as_chat() for m in self.store.messages(job.session_id) if m.absorbed and m.role != "system"]
-                if base is not None and self.config.streaming_teacher == "history"
-                else []
-            )
-            prefix: list[Message] = [
-                m.as_chat() for m in self.store.messages(job.session_id, window_only=True) if m.role == "system"
-            ]
+            stored = self.store.messages(job.session_id)  # system messages are never absorbed: the prefix
+            prefix: list[Message] = [m.as_chat() for m in stored if m.role == "system"]
+            wants_history = base is not None and self.config.streaming_teacher == "history"
+            history = [m.as_chat() for m in stored if m.absorbed and m.role != "system"] if wants_history else []
             spec = JobSpec(
                 job_id=job_id,
                 session_id=job.session_id,

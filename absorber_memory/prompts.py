@@ -55,6 +55,9 @@ class SessionPrompts:
             if not messages:
                 raise InvalidMessageError("the prompt is empty")
             return self.fmt.encode_text(messages)
-        msgs = self.context_messages(session_id) if messages is None else validate_messages(messages)
-        prefix, rest = split_prefix(msgs)
-        return self.fmt.encode(prefix or self.unabsorbed(session_id)[0], rest, add_generation_prompt=True)
+        if messages is None:  # the session's own context already carries its prefix
+            prefix, rest = split_prefix(self.context_messages(session_id))
+        else:
+            prefix, rest = split_prefix(validate_messages(messages))
+            prefix = prefix or self.unabsorbed(session_id)[0]
+        return self.fmt.encode(prefix, rest, add_generation_prompt=True)

@@ -20,15 +20,8 @@ from pathlib import Path
 import torch
 
 from absorber_memory import AbsorberConfig, ParametricMemory, fidelity, load_model
+from absorber_memory.bench.cli import parse_overrides
 from absorber_memory.demo import HELD_OUT_QUERIES, PERSONA_CHAT, SYSTEM_PROMPT
-
-
-def _parse_sets(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key] = json.loads(value)
-    return out
 
 
 def run_once(model, tokenizer, config: AbsorberConfig) -> dict:
@@ -61,7 +54,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. lr=3e-3 max_steps=60")
     parser.add_argument("--json", default=None, help="write raw results here")
     args = parser.parse_args()
-    overrides = _parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     model, tokenizer = load_model(device=overrides.get("device", "auto"), num_threads=overrides.get("num_threads"))
     rows = []
     for seed in range(args.repeats):

@@ -12,7 +12,7 @@ import pytest
 
 from absorber_memory import AbsorberConfig, ParametricMemory, fidelity, session_fidelity
 
-from ..conftest import FAST, SERVICE, turn
+from ..conftest import FAST, turn
 from .test_sessions import check_invariants
 
 STREAM = dict(FAST, window_tokens=60, absorb_tokens=30, sync_tokens=30)
@@ -108,4 +108,3 @@ def test_service_history_teacher_beats_chained_on_the_first_round(make_service, 
 def test_the_setting_is_validated():
     with pytest.raises(ValueError, match="streaming_teacher"):
         AbsorberConfig(streaming_teacher="oracle")
-    assert SERVICE["window_tokens"] == STREAM["window_tokens"]
