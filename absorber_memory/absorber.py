@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import random
 import time
 from collections.abc import Callable
@@ -123,6 +124,22 @@ def segment_schedule(count: int, per_step: int | None, seed: int) -> Callable[[]
     return next_rows
 
 
+def micro_batches(widths: list[int], rows: list[int], config: AbsorberConfig) -> list[list[int]]:
+    """`rows` grouped for one student forward each: longest first, at most `micro_batch_tokens` padded tokens.
+
+    `widths[r]` is row r's full student length (prefix + S). Sorting by length keeps the padding of
+    each group small; a row longer than the budget runs alone.
+    """
+    budget = config.micro_batch_tokens
+    groups: list[list[int]] = []
+    for row in sorted(rows, key=lambda r: -widths[r]):
+        if groups and widths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
 def _lora_layers(model: Any, adapter: str) -> list[Any]:
     """The modules that `adapter` adapts, found by PEFT's own layer type."""
     from peft.tuners.lora import LoraLayer
@@ -200,38 +217,62 @@ class Absorber:
         logits = _gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None
         return states, logits
 
-    def _loss(
+    def _step(
         self,
         batch: _Batch,
         targets: list[torch.Tensor] | None,
         teacher_logits: torch.Tensor | None,
         adapter: str,
         rows: list[int],
-    ) -> torch.Tensor:
+        backward: bool,
+    ) -> float:
+        """The loss of one step on sync segments `rows`; with `backward`, its gradients are accumulated.
+
+        The student reads the rows in length-sorted micro-batches of at most `micro_batch_tokens` padded
+        tokens (see `micro_batches`), each followed by its own backward pass: the loss and gradients
+        equal those of one padded batch (each part is scaled by its share of the step's tokens),
+        without the padding of short segments to the longest or the memory of one large batch.
+        """
         weights = self.config.losses
-        terms: dict[str, torch.Tensor] = {}
+        value = 0.0
+
+        def add(part: torch.Tensor) -> None:
+            nonlocal value
+            value += float(part.detach())
+            if backward and part.requires_grad:
+                part.backward()
+
         if targets is not None:
-            lengths = [batch.lengths[r] for r in rows]
-            out = self._forward([batch.student[r] for r in rows], teacher_logits is not None)
-            student = _gather(out.hidden_states[1:], [batch.student_starts[r] for r in rows], lengths)
-            wanted = [_rows(t, batch.lengths, rows) for t in targets]
-            for kind in ("l1", "mse"):
-                if weights.get(kind, 0) > 0:
-                    terms[kind] = losses.hidden_sync_loss(student, wanted, kind)
-            if teacher_logits is not None:
-                logits = _gather((out.logits,), [batch.student_starts[r] for r in rows], lengths)[0]
-                terms["logit_kl"] = losses.logit_kl_loss(logits, _rows(teacher_logits, batch.lengths, rows))
+            total = sum(batch.lengths[r] for r in rows)
+            kinds = [k for k in ("l1", "mse") if weights.get(k, 0) > 0]
+            step_targets = [_rows(t, batch.lengths, rows) for t in targets]
+            scales = {k: losses.layer_scales(step_targets, k) for k in kinds}
+            for group in micro_batches([len(batch.student[r]) for r in range(len(batch.student))], rows, self.config):
+                lengths = [batch.lengths[r] for r in group]
+                out = self._forward([batch.student[r] for r in group], teacher_logits is not None)
+                student = _gather(out.hidden_states[1:], [batch.student_starts[r] for r in group], lengths)
+                wanted = [_rows(t, batch.lengths, group) for t in targets]
+                terms: dict[str, torch.Tensor] = {}
+                for kind in kinds:
+                    terms[kind] = losses.hidden_sync_loss(
+                        student, wanted, kind, scales=scales[kind], total_tokens=total
+                    )
+                if teacher_logits is not None:
+                    logits = _gather((out.logits,), [batch.student_starts[r] for r in group], lengths)[0]
+                    terms["logit_kl"] = losses.logit_kl_loss(
+                        logits, _rows(teacher_logits, batch.lengths, group), total_tokens=total
+                    )
+                add(losses.weighted_sum(terms, weights))
         if weights.get("lm", 0) > 0:
             out = self._forward([batch.lm_input])
             start = max(batch.lm_start, 1)  # with no prefix, nothing predicts the first token
             logits = out.logits[0, start - 1 : len(batch.lm_input) - 1]
             target = torch.tensor(batch.lm_input[start:], device=self.device)
-            terms["lm"] = losses.lm_loss(logits, target)
-        total = losses.weighted_sum(terms, weights)
+            add(weights["lm"] * losses.lm_loss(logits, target))
         if self.config.update_penalty != "none":
             penalty = losses.lora_update_penalty(lora_factors(self.model, adapter), self.config.update_penalty)
-            total = total + self.config.update_penalty_weight * penalty
-        return total
+            add(self.config.update_penalty_weight * penalty)
+        return value
 
     def train(
         self,
@@ -276,9 +317,9 @@ class Absorber:
         bar = tqdm(total=cfg.max_steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
             for step in range(cfg.max_steps + 1):
-                loss = self._loss(batch, targets, teacher_logits, adapter, next_rows())
-                value = float(loss.detach())
-                if not torch.isfinite(loss.detach()):
+                optimizer.zero_grad(set_to_none=True)
+                value = self._step(batch, targets, teacher_logits, adapter, next_rows(), step < cfg.max_steps)
+                if not math.isfinite(value):
                     raise AbsorptionError(f"loss became {value} at step {step}; adapter rolled back")
                 curve.append(value)
                 if on_step is not None:
@@ -288,8 +329,6 @@ class Absorber:
                     break
                 if step == cfg.max_steps:
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 # Clip (or with clipping off, only measure): a non-finite norm means exploding gradients.
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                 if not torch.isfinite(norm):

@@ -85,6 +85,13 @@ class AbsorberConfig(BaseModel):
         le=4096,
         description="Sync segments per optimizer step (None: all every step); more make each step a shuffled subset.",
     )
+    micro_batch_tokens: int = Field(
+        1024,
+        gt=0,
+        le=1_000_000,
+        description="Most padded tokens per student forward; a step's segments run longest first in groups under "
+        "this budget, their gradients added (same loss, no padding of short segments to the longest).",
+    )
     update_penalty: Literal["none", "l1", "l2"] = Field(
         "none", description="Regulariser on the LoRA update delta-W (paper's L1 vs L2 ablation)."
     )

@@ -21,8 +21,20 @@ import torch.nn.functional as F
 _EPS = 1e-6
 
 
+def layer_scales(teacher: Sequence[torch.Tensor], kind: str = "l1") -> list[torch.Tensor]:
+    """Per layer, the teacher's mean magnitude that `hidden_sync_loss` divides by (mean |h|, or mean h^2)."""
+    if kind not in ("l1", "mse"):
+        raise ValueError(f"`kind` must be 'l1' or 'mse', got {kind!r}")
+    return [(t.detach().abs().mean() if kind == "l1" else t.detach().pow(2).mean()) + _EPS for t in teacher]
+
+
 def hidden_sync_loss(
-    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], kind: str = "l1"
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    kind: str = "l1",
+    *,
+    scales: Sequence[torch.Tensor] | None = None,
+    total_tokens: int | None = None,
 ) -> torch.Tensor:
     """Mean over layers of the relative L1 (or MSE) distance of hidden states.
 
@@ -30,26 +42,35 @@ def hidden_sync_loss(
         student: per layer, `[T, H]` student states at the positions of S.
         teacher: per layer, `[T, H]` teacher states at the same tokens.
         kind: "l1" (the paper's choice) or "mse".
+        scales, total_tokens: for one part of a larger set of tokens (a micro-batch of a step): the
+            whole set's `layer_scales` and token count. The parts' results then add up to the loss
+            of the whole set, so a step can run as several forwards and backwards.
     """
     if len(student) != len(teacher) or not student:
         raise ValueError(f"need the same non-zero number of layers, got {len(student)} and {len(teacher)}")
+    scales = layer_scales(teacher, kind) if scales is None else scales
+    if len(scales) != len(teacher):
+        raise ValueError(f"need one scale per layer, got {len(scales)} for {len(teacher)} layers")
     per_layer = []
-    for s, t in zip(student, teacher, strict=True):
+    for s, t, scale in zip(student, teacher, scales, strict=True):
         t = t.detach().to(s.dtype)
-        if kind == "l1":
-            per_layer.append((s - t).abs().mean() / (t.abs().mean() + _EPS))
-        elif kind == "mse":
-            per_layer.append((s - t).pow(2).mean() / (t.pow(2).mean() + _EPS))
-        else:
-            raise ValueError(f"`kind` must be 'l1' or 'mse', got {kind!r}")
+        diff = (s - t).abs() if kind == "l1" else (s - t).pow(2)
+        count = diff.numel() if total_tokens is None else total_tokens * diff.shape[-1]
+        per_layer.append(diff.sum() / count / scale)
     return torch.stack(per_layer).mean()
 
 
-def logit_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) of next-token distributions, `[T, V]` each."""
+def logit_kl_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, total_tokens: int | None = None
+) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) of next-token distributions, `[T, V]` each.
+
+    With `total_tokens`, the sum over these tokens divided by it (this part's share of a larger set).
+    """
     teacher_logp = F.log_softmax(teacher_logits.detach().float(), dim=-1)
     student_logp = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+    total = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
+    return total / (student_logits.shape[0] if total_tokens is None else total_tokens)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

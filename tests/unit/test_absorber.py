@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from absorber_memory import AbsorptionError, fidelity
+from absorber_memory import AbsorptionError, fidelity, losses
 from absorber_memory.absorber import segment_schedule, trainable_lora_parameters
 
 from ..conftest import chat
@@ -68,9 +68,7 @@ def test_threshold_stops_early(make_memory):
     assert report.stopped_by == "threshold" and report.steps == 0
 
 
-@pytest.mark.parametrize(
-    "losses", [{"mse": 1.0}, {"logit_kl": 1.0}, {"lm": 1.0}, {"l1": 1.0, "lm": 0.1}]
-)
+@pytest.mark.parametrize("losses", [{"mse": 1.0}, {"logit_kl": 1.0}, {"lm": 1.0}, {"l1": 1.0, "lm": 0.1}])
 def test_other_losses_train(make_memory, losses):
     pm = make_memory(losses=losses)
     report = pm.absorb(CONTEXT)
@@ -102,14 +100,14 @@ def test_nan_loss_rolls_back_and_raises(make_memory, monkeypatch):
     pm.absorb(CONTEXT)
     good = _lora_state(pm)
     calls = {"n": 0}
-    real = pm.engine.absorber._loss
+    real = losses.weighted_sum
 
-    def poisoned(*args):
+    def poisoned(*args):  # one call per micro-batch; the tiny test's steps have one each
         calls["n"] += 1
         loss = real(*args)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(pm.engine.absorber, "_loss", poisoned)
+    monkeypatch.setattr(losses, "weighted_sum", poisoned)
     with pytest.raises(AbsorptionError, match="loss became nan at step 2; adapter rolled back"):
         pm.absorb(CONTEXT)
     assert all(torch.equal(good[n], p) for n, p in _lora_state(pm).items())
@@ -151,12 +149,18 @@ def test_segment_schedule_cycles_through_all_segments_evenly():
 
 
 def test_sync_batch_segments_trains_on_a_subset_per_step(make_memory, monkeypatch):
-    sync = [chat("What city is nice?", "Lisbon is lovely."), chat("Any pets?", "A dog, Bruno."),
-            chat("Hello!", "Hi Ana."), chat("Weather?", "Sunny in Lisbon.")]
+    sync = [
+        chat("What city is nice?", "Lisbon is lovely."),
+        chat("Any pets?", "A dog, Bruno."),
+        chat("Hello!", "Hi Ana."),
+        chat("Weather?", "Sunny in Lisbon."),
+    ]
     pm = make_memory(sync_batch_segments=2, max_steps=12)
     sizes = []
     forward = pm.engine.absorber._forward
-    monkeypatch.setattr(pm.engine.absorber, "_forward", lambda seqs, logits=True: sizes.append(len(seqs)) or forward(seqs, logits))
+    monkeypatch.setattr(
+        pm.engine.absorber, "_forward", lambda seqs, logits=True: sizes.append(len(seqs)) or forward(seqs, logits)
+    )
     report = pm.absorb(CONTEXT, sync)
     assert sizes == [4] + [2] * 13  # one teacher pass over all four, then two per step (and the last check)
     assert report.sync_segments == 4 and report.final_loss < report.initial_loss
@@ -164,3 +168,55 @@ def test_sync_batch_segments_trains_on_a_subset_per_step(make_memory, monkeypatc
     assert full.loss_curve[0] != report.loss_curve[0]  # a subset's loss, not the whole batch's
     with pytest.raises(ValueError, match="sync_batch_segments"):
         make_memory(sync_batch_segments=0)
+
+
+def test_micro_batches_group_longest_first_under_the_token_budget():
+    from absorber_memory import AbsorberConfig
+    from absorber_memory.absorber import micro_batches
+
+    config = AbsorberConfig(micro_batch_tokens=100)
+    widths = [10, 60, 30, 25, 120]
+    groups = micro_batches(widths, [0, 1, 2, 3, 4], config)
+    assert groups == [[4], [1], [2, 3, 0]]  # 120 alone (over budget), 60 alone (2 x 60 > 100), 3 x 30 <= 100
+    assert sorted(r for g in groups for r in g) == [0, 1, 2, 3, 4]
+    assert micro_batches(widths, [0, 3], config) == [[3, 0]]  # only the step's rows
+
+
+@pytest.mark.parametrize("losses_mix", [{"l1": 1.0}, {"mse": 0.5, "logit_kl": 1.0}])
+def test_micro_batched_steps_equal_one_padded_batch(make_memory, losses_mix):
+    """Same losses and same adapter whether a step runs as one padded batch or one forward per segment."""
+    sync = [
+        chat("What city is nice?", "Lisbon is lovely, with old trams and hills."),
+        chat("Pets?", "Bruno."),
+        chat("Hello!", "Hi Ana, good to see you again today."),
+        chat("Weather?", "Sunny."),
+    ]
+    runs = {}
+    for budget in (100_000, 1):  # everything in one batch / every segment alone
+        pm = make_memory(micro_batch_tokens=budget, max_steps=6, losses=losses_mix)
+        report = pm.absorb(CONTEXT, sync)
+        runs[budget] = (report.loss_curve, _lora_state(pm))
+    (one_curve, one_state), (each_curve, each_state) = runs[100_000], runs[1]
+    assert one_curve == pytest.approx(each_curve, rel=1e-4, abs=1e-6)
+    assert one_curve[-1] < one_curve[0]
+    diff = max(float((one_state[n] - each_state[n]).abs().max()) for n in one_state)
+    size = max(float(one_state[n].abs().max()) for n in one_state)
+    assert diff < 1e-3 * size
+
+
+def test_micro_batches_skip_the_padding_of_short_segments(make_memory, monkeypatch):
+    long = chat("Tell me everything about Lisbon. " * 6, "It is a city of hills, trams and light. " * 6)
+    sync = [long] + [chat("Hi", "Hello")] * 3
+    padded = {}
+    for budget in (100_000, 1):
+        pm = make_memory(micro_batch_tokens=budget, max_steps=2)
+        forward, seen = pm.engine.absorber._forward, []
+
+        def counting(seqs, logits=True, forward=forward, seen=seen):
+            seen.append(len(seqs) * max(len(s) for s in seqs))
+            return forward(seqs, logits)
+
+        monkeypatch.setattr(pm.engine.absorber, "_forward", counting)
+        pm.absorb(CONTEXT, sync)
+        padded[budget] = sum(seen[1:])  # the student's forwards (the first is the teacher's)
+    assert padded[1] < 0.5 * padded[100_000]  # the three short rows are no longer padded to the long one

@@ -71,3 +71,30 @@ def test_update_penalty_is_zero_for_a_fresh_adapter(kind):
 def test_weighted_sum():
     terms = {"l1": torch.tensor(2.0), "lm": torch.tensor(3.0)}
     assert losses.weighted_sum(terms, {"l1": 1.0, "lm": 0.5}).item() == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_sync_loss_parts_add_up_to_the_whole(kind):
+    torch.manual_seed(0)
+    teacher = [torch.randn(10, 8) for _ in range(3)]
+    student = [t + 0.3 * torch.randn(10, 8) for t in teacher]
+    whole = losses.hidden_sync_loss(student, teacher, kind)
+    scales = losses.layer_scales(teacher, kind)
+    parts = [
+        losses.hidden_sync_loss(
+            [s[a:b] for s in student], [t[a:b] for t in teacher], kind, scales=scales, total_tokens=10
+        )
+        for a, b in ((0, 3), (3, 10))
+    ]
+    assert float(sum(parts)) == pytest.approx(float(whole), rel=1e-6)
+    assert float(parts[0]) != pytest.approx(float(whole), rel=1e-2)  # a part alone is not the whole
+
+
+def test_logit_kl_parts_add_up_to_the_whole():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(6, 5), torch.randn(6, 5)
+    whole = losses.logit_kl_loss(student, teacher)
+    parts = losses.logit_kl_loss(student[:2], teacher[:2], total_tokens=6) + losses.logit_kl_loss(
+        student[2:], teacher[2:], total_tokens=6
+    )
+    assert float(parts) == pytest.approx(float(whole), rel=1e-6)
