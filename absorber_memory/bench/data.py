@@ -71,10 +71,18 @@ class Conversation:
     queries: list[str]
     keywords: list[list[str]] = field(default_factory=list)  # per query, any-of; empty: no recall
     prefix: list[Message] = field(default_factory=lambda: [{"role": "system", "content": SYSTEM_PROMPT}])
+    #: Per query, the words the answer starts with (the model continues them); empty: no cue.
+    cues: list[str] = field(default_factory=list)
 
 
-def persona_conversation(seed: int) -> Conversation:
-    """A chat in which the user states six facts, then chats about nothing in particular."""
+def persona_conversation(seed: int, *, cued: bool = False) -> Conversation:
+    """A chat in which the user states six facts, then chats about nothing in particular.
+
+    With `cued`, each question comes with the start of its answer ("Your name is"), which the model
+    continues: the default 135M model, given the whole chat, states three times as many of the facts
+    that way (24 of 48 on dev chats against 8 of 48 asked plainly), so recall measures memory rather
+    than the model's habit of answering "What is my name?" about itself.
+    """
     rng = random.Random(seed)
     first, last, city = rng.choice(FIRST), rng.choice(LAST), rng.choice(CITIES)
     job, job_key = rng.choice(JOBS)
@@ -91,14 +99,22 @@ def persona_conversation(seed: int) -> Conversation:
     u, a = FILLER[seed % len(FILLER)]
     window = [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
     qa = [
-        ("What is my name?", [first]),
-        ("Which city do I live in?", [city]),
-        ("What is my job?", [job_key]),
-        ("What is my pet called?", [pet_name]),
-        ("How old am I?", [str(age)]),
-        ("When is the wedding in my family?", [month]),
+        ("What is my name?", [first], "Your name is"),
+        ("Which city do I live in?", [city], "You live in"),
+        ("What is my job?", [job_key], "You work as a"),
+        ("What is my pet called?", [pet_name], f"Your {pet}'s name is"),
+        ("How old am I?", [str(age)], "Your age is"),
+        ("When is the wedding in my family?", [month], "The wedding is on the"),
     ]
-    return Conversation(f"persona-{seed}", "generated", context, window, [q for q, _ in qa], [k for _, k in qa])
+    return Conversation(
+        f"persona-{seed}",
+        "generated",
+        context,
+        window,
+        [q for q, _, _ in qa],
+        [k for _, k, _ in qa],
+        cues=[c for _, _, c in qa] if cued else [],
+    )
 
 
 def _package_file(package: str, *parts: str) -> Path:

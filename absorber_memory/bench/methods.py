@@ -68,16 +68,19 @@ class Reference:
     answer: str
 
 
+def query_prompt(pm: Any, conv: Conversation, prefix: list[dict[str, str]], messages: list[Any], i: int) -> list[int]:
+    """Token ids that ask query `i` after `messages`, ending with the query's answer cue (if any)."""
+    ids = pm.fmt.encode(prefix, messages + [{"role": "user", "content": conv.queries[i]}], add_generation_prompt=True)
+    cue = conv.cues[i] if conv.cues else ""
+    return ids + pm.tokenizer.encode(cue, add_special_tokens=False) if cue else ids
+
+
 def references(pm: Any, conv: Conversation, max_new_tokens: int) -> list[Reference]:
     """The frozen model's full-context answers to `conv`'s queries (computed once per conversation)."""
     refs = []
     with pm.adapter_disabled():
         for i, query in enumerate(conv.queries):
-            prompt = pm.fmt.encode(
-                conv.prefix,
-                conv.context + conv.window + [{"role": "user", "content": query}],
-                add_generation_prompt=True,
-            )
+            prompt = query_prompt(pm, conv, conv.prefix, conv.context + conv.window, i)
             answer, target, logprobs = reference_answer(pm.model, pm.tokenizer, prompt, max_new_tokens)
             refs.append(
                 Reference(
@@ -109,10 +112,8 @@ def score(
     kl, tokens, hits, scored, answers = 0.0, 0, 0, 0, []
     extra = conv.context if with_context else []
     with contextlib.nullcontext() if adapter else pm.adapter_disabled():
-        for ref in refs:
-            prompt = pm.fmt.encode(
-                prefix, extra + conv.window + [{"role": "user", "content": ref.query}], add_generation_prompt=True
-            )
+        for i, ref in enumerate(refs):
+            prompt = query_prompt(pm, conv, prefix, extra + conv.window, i)
             kl += kl_sum(ref.logprobs, answer_logprobs(pm.model, prompt, ref.target))
             tokens += len(ref.target)
             answer = generate_text(pm.model, pm.tokenizer, prompt, max_new_tokens)

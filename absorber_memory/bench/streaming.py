@@ -52,13 +52,14 @@ SUMMARY_UPDATE = (
 
 @dataclass
 class AgentChat:
-    """One session: system prefix, the messages in order (facts first), held-out questions and their keywords."""
+    """One session: system prefix, the messages in order (facts first), held-out questions, keywords and cues."""
 
     name: str
     prefix: list[Message]
     messages: list[Message]
     queries: list[str]
     keywords: list[list[str]]
+    cues: list[str]
 
 
 def agent_chats(seeds: list[int], chat_messages: int, chitchat_seed: int, queries: int) -> list[AgentChat]:
@@ -66,7 +67,7 @@ def agent_chats(seeds: list[int], chat_messages: int, chitchat_seed: int, querie
     real = chitchat_conversations(len(seeds), seed=chitchat_seed, min_messages=chat_messages)
     chats = []
     for seed, chat in zip(seeds, real, strict=True):
-        persona = persona_conversation(seed)
+        persona = persona_conversation(seed, cued=True)
         talk = (chat.context + chat.window)[:chat_messages]
         chats.append(
             AgentChat(
@@ -75,6 +76,7 @@ def agent_chats(seeds: list[int], chat_messages: int, chitchat_seed: int, querie
                 persona.context + talk,
                 persona.queries[:queries],
                 persona.keywords[:queries],
+                persona.cues[:queries],
             )
         )
     return chats
@@ -159,7 +161,7 @@ def evaluate_chat(
     """Score every method on one chat; returns method -> raw result."""
     first = next(iter(streams.values()))
     conv = Conversation(
-        chat.name, "agent", first["absorbed"], first["window"], chat.queries, chat.keywords, chat.prefix
+        chat.name, "agent", first["absorbed"], first["window"], chat.queries, chat.keywords, chat.prefix, chat.cues
     )
     refs = references(engine, conv, max_new_tokens)
     results: dict[str, dict[str, Any]] = {}

@@ -125,3 +125,19 @@ def test_agent_loop_script_runs_on_the_tiny_model(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data and "adapter switch" in done.stdout
+
+
+def test_cued_questions_end_their_prompt_with_the_answer_start(make_memory):
+    from absorber_memory.bench.methods import query_prompt
+    from absorber_memory.bench.streaming import agent_chats
+
+    plain, cued = persona_conversation(3), persona_conversation(3, cued=True)
+    assert plain.cues == [] and len(cued.cues) == len(cued.queries)
+    assert not any(k.lower() in c.lower() for c, ks in zip(cued.cues, cued.keywords, strict=True) for k in ks)
+    pm = make_memory()
+    asked = query_prompt(pm, cued, cued.prefix, cued.window, 0)
+    bare = query_prompt(pm, plain, plain.prefix, plain.window, 0)
+    cue = pm.tokenizer.encode(cued.cues[0], add_special_tokens=False)
+    assert asked == bare + cue and len(cue) > 0
+    chat = agent_chats([5], 2, 0, 3)[0]
+    assert chat.cues == persona_conversation(5, cued=True).cues[:3]
