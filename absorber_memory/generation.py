@@ -17,11 +17,19 @@ from typing import Any, TypeVar
 import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 
 def _generate_settings(tokenizer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`model.generate` settings: greedy with the tokenizer's pad/EOS unless `kwargs` say otherwise."""
+    """`model.generate` settings: greedy with the tokenizer's pad/EOS unless `kwargs` say otherwise.
+
+    Raises `ConfigError` for a `max_new_tokens` that is not a positive integer (before transformers sees it).
+    """
+    most = kwargs.get("max_new_tokens")
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+        raise ConfigError(f"`max_new_tokens` must be a positive integer, got {most!r}")
     settings: dict[str, Any] = {
         "do_sample": False,
         "pad_token_id": tokenizer.pad_token_id,
@@ -179,6 +187,7 @@ class TextStream:
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens})  # bad values fail here, not in the thread
         self.stop = [s for s in (stop or []) if s]
         self.input_tokens = len(input_ids)
         self.output_tokens = 0

@@ -309,8 +309,8 @@ class AbsorberMemory:
         **generation_kwargs: Any,
     ) -> TextStream:
         """Like `generate`, but a `TextStream` of text pieces; a string `messages` is raw text to continue."""
-        sid = check_id(session_id)
-        ids, most = self.prompts.ids(sid, messages), max_new_tokens or self.config.max_new_tokens
+        sid, most = check_id(session_id), self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        ids = self.prompts.ids(sid, messages)
         return TextStream(lambda: self.adapted_model(sid), self.tokenizer, ids, most, stop, **generation_kwargs)
 
     # --- jobs ----------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+import pytest
+
 from absorber_memory.generation import generate_batch_ids, generate_ids
 
 
@@ -33,3 +35,26 @@ def test_each_batched_answer_ends_at_its_own_eos(model, tokenizer):
     assert eos not in full[0] and len(full[0]) == 5  # the tiny model never says EOS by itself here
     assert cut == [full[0][:2], full[1]]  # row 0 stops before its EOS, row 1 runs on
     assert generate_batch_ids(model, tokenizer, [], 5) == []
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.5, True, "8"])
+def test_bad_max_new_tokens_is_our_error_before_generation(make_memory, bad):
+    from absorber_memory import ConfigError
+
+    pm = make_memory()
+    with pytest.raises(ConfigError, match=r"`max_new_tokens` must be a positive integer, got"):
+        pm.generate([{"role": "user", "content": "Hi"}], max_new_tokens=bad)
+    with pytest.raises(ConfigError, match=r"`max_new_tokens` must be a positive integer"):
+        pm.engine.generate([], [{"role": "user", "content": "Hi"}], bad)
+
+
+@pytest.mark.parametrize("bad", [-1, 0])
+def test_sessions_reject_bad_max_new_tokens_in_generate_and_stream(make_service, bad):
+    from absorber_memory import ConfigError
+
+    memory = make_service()
+    memory.add_messages([{"role": "user", "content": "Hi"}], session_id="s")
+    for call in (memory.generate, memory.stream):
+        with pytest.raises(ConfigError, match="`max_new_tokens` must be a positive integer"):
+            call(session_id="s", max_new_tokens=bad)
+    assert [m.content for m in memory.transcript("s")] == ["Hi"]  # nothing lost
