@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StorageError
+from .models import quiet_transformers
 from .persistence import ADAPTER_CONFIG, load_adapter_weights, read_json
 
 #: The slot that exists from the start (PEFT needs one); it is never used for a session.
@@ -66,7 +67,8 @@ class AdapterCache:
     def __init__(self, base_model: Any, lora_config: Any, capacity: int) -> None:
         from peft import get_peft_model
 
-        self.model = get_peft_model(base_model, lora_config, adapter_name=BASE_SLOT)
+        with quiet_transformers():
+            self.model = get_peft_model(base_model, lora_config, adapter_name=BASE_SLOT)
         self.model.eval()
         self.capacity = capacity
         self.stats = CacheStats()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -122,7 +122,9 @@ def validate_messages(messages: Any, *, name: str = "messages", allow_empty: boo
     for i, msg in enumerate(messages):
         where = f"{name}[{i}]"
         if not isinstance(msg, dict):
-            raise InvalidMessageError(f"`{where}` must be a dict with role and content, got {type(msg).__name__}")
+            raise InvalidMessageError(
+                f"`{where}` must be a dict with role and content, got {type(msg).__name__}{_convert_hint(msg)}"
+            )
         if "role" not in msg:
             raise InvalidMessageError(f"`{where}` has no `role`; use one of {list(ROLES)}")
         role = msg["role"]
@@ -133,6 +135,44 @@ def validate_messages(messages: Any, *, name: str = "messages", allow_empty: boo
             raise InvalidMessageError(f"`{where}.content` is empty or whitespace (or has no text part)")
         clean.append({"role": role, "content": text})
     return clean
+
+
+def _convert_hint(msg: Any) -> str:
+    """How to turn another framework's message object into ours, when we recognise it."""
+    module = type(msg).__module__.split(".")[0]
+    if module.startswith("langchain"):
+        return (
+            "; convert LangChain messages with `langchain_absorber.to_chat_messages(messages)` "
+            "(or use `ChatAbsorber` / `AbsorberChatMessageHistory`, which convert them)"
+        )
+    if module.startswith("llama_index"):
+        return (
+            "; convert LlamaIndex messages with `llama_index.memory.absorber.to_chat_messages(messages)` "
+            "(or use its `AbsorberMemory` / `AbsorberLLM`, which convert them)"
+        )
+    return ""
+
+
+def prompt_conversation(messages: Any, context: Callable[[], list[Message]], *, where: str) -> list[Message]:
+    """The conversation to answer: a string is a user turn asked after `context()`; None is `context()`.
+
+    A list of messages is the whole conversation (validated). Raises
+    `InvalidMessageError` when nothing is left to answer (no user or
+    assistant turn), naming `where` (the session or memory).
+    """
+    if isinstance(messages, str):
+        question = validate_messages([{"role": "user", "content": messages}], name="prompt")
+        conversation = context() + question
+    elif messages is None:
+        conversation = context()
+    else:
+        conversation = validate_messages(messages)
+    if all(m["role"] == "system" for m in conversation):
+        raise InvalidMessageError(
+            f"nothing to answer: {where} has no messages in its window and none were given; "
+            "add messages first or pass the question (a string or a list of messages)"
+        )
+    return conversation
 
 
 def check_lengths(fmt: ChatFormat, messages: list[Message], limit: int, *, name: str = "messages") -> None:

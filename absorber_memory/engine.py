@@ -28,7 +28,7 @@ from .config import AbsorberConfig, as_config, lora_config
 from .errors import ConfigError
 from .generation import generate_batch_ids, generate_text
 from .jobs import StepCallback
-from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit
+from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit, quiet_transformers
 from .persistence import load_adapter_weights, save_adapter
 from .probes import chained_probe_segment, pick_probes, probe_segments
 
@@ -63,7 +63,7 @@ class AbsorptionEngine:
         #: Most conversation tokens one prompt may hold (see `models.prompt_limit`).
         self.limit = prompt_limit(self.config, base)
         self.base_identity = model_identity(base)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
             torch.manual_seed(self.config.seed)
             self.model = get_peft_model(base, lora_config(self.config), adapter_name=ADAPTER)
         self.model.eval()

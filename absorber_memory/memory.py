@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .absorber import AbsorptionReport
-from .chat import ChatFormat, Message, check_lengths, split_prefix, validate_messages
+from .chat import ChatFormat, Message, check_lengths, prompt_conversation, split_prefix, validate_messages
 from .config import AbsorberConfig
 from .deprecation import moved_names
 from .engine import ADAPTER, AbsorptionEngine
@@ -288,14 +288,17 @@ class ParametricMemory:
         self.engine.save_adapter(folder)
 
     # --- generation --------------------------------------------------------------------
-    def generate(self, messages: list[dict[str, Any]] | None = None, **generation_kwargs: Any) -> str:
-        """Answer `messages` (default: `context_messages()`) with the adapter active.
+    def generate(self, messages: list[dict[str, Any]] | str | None = None, **generation_kwargs: Any) -> str:
+        """Answer with the adapter active, as `AbsorberMemory.generate` does.
 
-        Leading system messages in `messages` replace the memory's prefix for
-        this call. `generation_kwargs` go to `model.generate` (e.g.
-        `max_new_tokens`, `do_sample`, `temperature`).
+        None answers `context_messages()`; a string is a user question asked
+        after them (not added to the memory); a list of messages is the whole
+        conversation, and its leading system messages replace the memory's
+        prefix for this call. `generation_kwargs` go to `model.generate`
+        (e.g. `max_new_tokens`, `do_sample`, `temperature`). Raises
+        `InvalidMessageError` when there is nothing to answer.
         """
-        msgs = self.context_messages() if messages is None else validate_messages(messages)
+        msgs = prompt_conversation(messages, self.context_messages, where="this memory")
         prefix, rest = split_prefix(msgs)
         max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
         return self.engine.generate(prefix or self._prefix, rest, max_new, **generation_kwargs)

@@ -18,6 +18,7 @@ probes, never sync text the adapter was trained on.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ class FidelityReport:
     gap_closed: float
     tokens: int
     per_query: list[dict[str, Any]] = field(default_factory=list)
+    #: Why `gap_closed` is nan, when it is (nothing absorbed, or dropping changed nothing); else "".
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,8 +127,19 @@ def fidelity(
             row["answer_dropped"] = tok.decode(answer_dropped, skip_special_tokens=True).strip()
         rows.append(row)
     kl_absorbed, kl_dropped = totals["absorbed"] / tokens, totals["dropped"] / tokens
-    gap = 1.0 - kl_absorbed / kl_dropped if kl_dropped > 0 else math.nan
-    return FidelityReport(kl_absorbed, kl_dropped, gap, tokens, rows)
+    gap, note = (1.0 - kl_absorbed / kl_dropped, "") if kl_dropped > 0 else (math.nan, _no_gap(context))
+    if note:
+        warnings.warn(f"gap_closed is nan: {note}", RuntimeWarning, stacklevel=2)
+    return FidelityReport(kl_absorbed, kl_dropped, gap, tokens, rows, note)
+
+
+def _no_gap(context: list[Message]) -> str:
+    if not context:
+        return (
+            "nothing has been absorbed yet, so the full-context and dropped models read the same prompt and "
+            "there is no gap to close (add more turns than the window holds, or `flush`, then measure)"
+        )
+    return "dropping the absorbed messages did not change the reference answers' token distributions"
 
 
 class _SessionView:

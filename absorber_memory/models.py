@@ -17,14 +17,21 @@ default let a busy neighbour process slow us down 16x.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -108,8 +115,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to float weights (one time, ~20 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A model loaded from GGUF refuses save_pretrained; rebuild a plain one.
     data = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
     config = type(quantized.config).from_dict(data)
@@ -120,8 +128,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; its copy is as good
@@ -167,19 +176,119 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     embedded = name in _EMBEDDED
-    source = cached_model_dir(name, cache_dir) if embedded else name
+    source = str(cached_model_dir(name, cache_dir)) if embedded else _local_or_hub(name)
     # Our own cache is read as safetensors only: a pickle planted there is never loaded.
-    safe = {"use_safetensors": True} if embedded else {}
+    options: dict[str, Any] = {"use_safetensors": True} if embedded else {}
+    if not embedded and not Path(source).is_dir() and _in_hub_cache(source):
+        options["local_files_only"] = True  # cached: no network round trip (and no retries when offline)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **safe)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, **options)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **options)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model {name!r}: {first}; {_known_models(name)}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(dev).eval()  # type: ignore[arg-type]  # transformers types `to` through a decorator that hides devices
     model.config.name_or_path = name  # so saved memories name the model the user asked for
     return model, tokenizer
+
+
+def _known_models(name: str) -> str:
+    """The embedded names, with a suggestion when `name` is close to one."""
+    close = difflib.get_close_matches(name.lower(), list(_EMBEDDED), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}embedded models: {', '.join(repr(n) for n in _EMBEDDED)}"
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a Hugging Face id's config is in the local hub cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "true", "yes", "on"}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a TCP connection within `timeout` seconds (one try, no retries)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _local_or_hub(name: str) -> str:
+    """What `from_pretrained` should read for a non-embedded `name`, failing fast on names it cannot find.
+
+    An existing folder is read as is; a path-like name that does not exist,
+    or a hub id that is neither cached nor downloadable (offline, or the hub
+    unreachable), raises `ModelLoadError` at once, naming the embedded models,
+    instead of letting the hub client retry for a minute.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model {name!r} is a file, not a model folder; {_known_models(name)}")
+        return str(path)
+    if _looks_like_path(name):
+        raise ModelLoadError(f"model {name!r}: no such folder; {_known_models(name)}")
+    if _in_hub_cache(name):
+        return name
+    if _hub_offline():
+        raise ModelLoadError(
+            f"model {name!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
+            f"{_known_models(name)}"
+        )
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"model {name!r} is not a local folder and not in the Hugging Face cache, and the hub is unreachable; "
+            f"{_known_models(name)}"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Within this block transformers and peft show no progress bars, warnings or info logs (restored afterwards).
+
+    Library use stays silent: loading a model, converting the embedded GGUF
+    and wrapping a model in LoRA layers print nothing unless logging asks.
+    """
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, level, gguf_tqdm = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)  # this bar ignores transformers' switch
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 #: Config fields that must match for an adapter to fit a base model (the name may differ).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .chat import ChatFormat, Message, split_prefix, validate_messages
+from .chat import ChatFormat, Message, prompt_conversation, split_prefix
 from .errors import InvalidMessageError
 from .store import Store, StoredMessage, check_id
 from .stream import fit_window
@@ -45,19 +45,28 @@ class SessionPrompts:
         prefix, rows = self.context_rows(session_id)
         return prefix + [m.as_chat() for m in rows]
 
-    def ids(self, session_id: str, messages: list[dict[str, Any]] | str | None) -> list[int]:
-        """Token ids to generate from: `messages` (or the session's context) under the session's prefix.
+    def ids(self, session_id: str, messages: list[dict[str, Any]] | str | None, *, raw: bool = False) -> list[int]:
+        """Token ids to generate from, under the session's prefix.
 
-        A string is raw text to continue, with no chat template; messages
-        with leading system messages use those instead of the prefix.
+        `messages`: None answers the session's context; a string is a user
+        turn asked after that context (not stored); a list of messages is the
+        whole conversation, and leading system messages in it replace the
+        prefix. With `raw=True` a string is plain text to continue, with no
+        chat template. Raises `InvalidMessageError` when there is nothing to
+        answer (an empty session and no messages).
         """
-        if isinstance(messages, str):
-            if not messages:
-                raise InvalidMessageError("the prompt is empty")
+        if raw:
+            if not isinstance(messages, str) or not messages:
+                raise InvalidMessageError("`raw=True` needs a non-empty string prompt to continue")
             return self.fmt.encode_text(messages)
-        if messages is None:  # the session's own context already carries its prefix
-            prefix, rest = split_prefix(self.context_messages(session_id))
-        else:
-            prefix, rest = split_prefix(validate_messages(messages))
+        reserve = self.fmt.count({"role": "user", "content": messages}) if isinstance(messages, str) else 0
+
+        def context() -> list[Message]:
+            prefix, rows = self.context_rows(session_id, reserve)
+            return prefix + [m.as_chat() for m in rows]
+
+        conversation = prompt_conversation(messages, context, where=f"session {session_id!r}")
+        prefix, rest = split_prefix(conversation)
+        if messages is not None and not isinstance(messages, str):
             prefix = prefix or self.unabsorbed(session_id)[0]
         return self.fmt.encode(prefix, rest, add_generation_prompt=True)

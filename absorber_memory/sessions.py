@@ -283,21 +283,19 @@ class AbsorberMemory:
         return self.adapters.use(session_key(sid), lambda: self.coordinator.committed(sid))
 
     def generate(
-        self,
-        messages: Messages | None = None,
-        *,
-        session_id: str = DEFAULT_SESSION,
-        **generation_kwargs: Any,
+        self, messages: Messages | str | None = None, *, session_id: str = DEFAULT_SESSION, raw: bool = False, **kw: Any
     ) -> str:
-        """Answer `messages` (default: `context_messages`; prefix: the session's) with its committed adapter.
+        """Answer with the session's committed adapter: a string is a question asked after the session's context.
 
-        `generation_kwargs` go to `model.generate` (`max_new_tokens`, `do_sample`, ...).
+        None answers the context; a list of messages is the whole conversation (prefix: the session's unless it
+        has its own); `raw=True` continues a string as plain text. `kw` go to `model.generate` (`max_new_tokens`,
+        `do_sample`, ...). Raises `InvalidMessageError` when there is nothing to answer (an empty session).
         """
         sid = check_id(session_id)
-        ids = self.prompts.ids(sid, messages)
-        max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
+        ids = self.prompts.ids(sid, messages, raw=raw)
+        max_new = kw.pop("max_new_tokens", self.config.max_new_tokens)
         with self.adapted_model(sid) as model:
-            return generate_text(model, self.tokenizer, ids, max_new, **generation_kwargs)
+            return generate_text(model, self.tokenizer, ids, max_new, **kw)
 
     def stream(
         self,
@@ -306,11 +304,12 @@ class AbsorberMemory:
         session_id: str = DEFAULT_SESSION,
         max_new_tokens: int | None = None,
         stop: list[str] | None = None,
+        raw: bool = False,
         **generation_kwargs: Any,
     ) -> TextStream:
-        """Like `generate`, but a `TextStream` of text pieces; a string `messages` is raw text to continue."""
+        """Like `generate`, but a `TextStream` of text pieces."""
         sid, most = check_id(session_id), self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        ids = self.prompts.ids(sid, messages)
+        ids = self.prompts.ids(sid, messages, raw=raw)
         return TextStream(lambda: self.adapted_model(sid), self.tokenizer, ids, most, stop, **generation_kwargs)
 
     # --- jobs ----------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class AbsorberLLM(AbsorberParams, LLM):
         messages: Any = prompt if self.raw else [{"role": "user", "content": prompt}]
         return resolve_memory(self.memory).stream(
             messages,
+            raw=self.raw,
             session_id=kwargs.pop("session_id", self.session_id),
             max_new_tokens=kwargs.pop("max_tokens", self.max_tokens),
             stop=stop if stop is not None else self.stop,

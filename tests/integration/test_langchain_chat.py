@@ -162,7 +162,7 @@ def test_llm_completion_flavours(memory):
     assert llm.invoke("Hello!") == chat.invoke("Hello!").content  # a user turn, as the chat model sends it
     assert "".join(llm.stream("Hello!")) == llm.invoke("Hello!")
     raw = AbsorberLLM(memory=memory, max_tokens=8, raw=True)
-    expected = memory.stream("The quick brown fox", max_new_tokens=8).text()
+    expected = memory.stream("The quick brown fox", max_new_tokens=8, raw=True).text()
     assert raw.invoke("The quick brown fox") == expected
     assert llm._llm_type == "absorber" and llm.model_name == "tiny-llama"
 

@@ -47,6 +47,18 @@ def test_absorbing_beats_dropping_on_held_out_queries(make_memory):
     assert 0 < report.gap_closed <= 1
     again = fidelity(pm, QUERIES, context=CONTEXT, window=[], max_new_tokens=12)
     assert again.kl_absorbed == pytest.approx(report.kl_absorbed)  # deterministic
+    assert report.note == ""
+
+
+def test_fidelity_with_nothing_absorbed_explains_its_nan(make_memory):
+    import math
+
+    pm = make_memory()
+    pm.add_messages(CONTEXT[:2])  # fits the window: nothing absorbed
+    with pytest.warns(RuntimeWarning, match="gap_closed is nan: nothing has been absorbed yet"):
+        report = fidelity(pm, QUERIES[:1], max_new_tokens=4)
+    assert math.isnan(report.gap_closed) and report.kl_dropped == 0
+    assert "nothing has been absorbed" in report.note and report.to_dict()["note"] == report.note
 
 
 def test_runs_are_reproducible(make_memory):

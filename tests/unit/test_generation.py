@@ -58,3 +58,45 @@ def test_sessions_reject_bad_max_new_tokens_in_generate_and_stream(make_service,
         with pytest.raises(ConfigError, match="`max_new_tokens` must be a positive integer"):
             call(session_id="s", max_new_tokens=bad)
     assert [m.content for m in memory.transcript("s")] == ["Hi"]  # nothing lost
+
+
+def test_a_string_is_a_question_asked_after_the_session_context_in_both_memories(make_service, make_memory):
+    memory = make_service()
+    memory.add_messages([{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi Ada!"}],
+                        session_id="s")
+    question = [{"role": "user", "content": "What is my name?"}]
+    asked = memory.generate("What is my name?", session_id="s", max_new_tokens=6)
+    assert asked == memory.generate(memory.context_messages("s") + question, session_id="s", max_new_tokens=6)
+    assert asked != memory.generate(question, session_id="s", max_new_tokens=6)  # the context was really there
+    assert memory.stream("What is my name?", session_id="s", max_new_tokens=6).text().strip() == asked.strip()
+    raw = memory.generate("The quick brown fox", session_id="s", raw=True, max_new_tokens=6)
+    assert raw.strip() == memory.stream("The quick brown fox", session_id="s", raw=True, max_new_tokens=6).text().strip()
+    assert raw != memory.generate("The quick brown fox", session_id="s", max_new_tokens=6)
+    assert len(memory.transcript("s")) == 2  # asking stores nothing
+
+    pm = make_memory()
+    pm.add_messages([{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi Ada!"}])
+    assert pm.generate("What is my name?", max_new_tokens=6) == pm.generate(
+        pm.context_messages() + question, max_new_tokens=6
+    )
+    assert len(pm.window) == 2
+
+
+def test_nothing_to_answer_is_a_clear_error_in_both_memories(make_service, make_memory):
+    from absorber_memory import InvalidMessageError
+
+    memory = make_service()
+    for call in (memory.generate, memory.stream):
+        with pytest.raises(InvalidMessageError, match="nothing to answer: session 'never-seen' has no messages"):
+            call(session_id="never-seen")
+    memory.set_prefix("sys-only", "You are terse.")
+    with pytest.raises(InvalidMessageError, match="nothing to answer"):
+        memory.generate(session_id="sys-only")
+    assert memory.prefix("sys-only") == [{"role": "system", "content": "You are terse."}]  # kept
+    assert isinstance(memory.generate("Hi?", session_id="sys-only", max_new_tokens=2), str)  # a question is enough
+    with pytest.raises(InvalidMessageError, match="`raw=True` needs a non-empty string"):
+        memory.generate([{"role": "user", "content": "Hi"}], session_id="s", raw=True)
+    with pytest.raises(InvalidMessageError, match="empty or whitespace"):
+        memory.generate("   ", session_id="s")
+    with pytest.raises(InvalidMessageError, match="nothing to answer: this memory has no messages"):
+        make_memory().generate()

@@ -1,4 +1,5 @@
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -57,7 +58,54 @@ def test_local_path_loads(model, tokenizer, tmp_path):
     assert tok.chat_template == tokenizer.chat_template and loaded.dtype == torch.float32
 
 
-def test_unknown_model_is_a_clear_error(monkeypatch):
+def test_missing_local_folder_fails_fast_naming_the_embedded_models(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: pytest.fail("a path never reaches the hub"))
+    for name in ("/no/such/model", "./models/mine", str(tmp_path / "missing")):
+        with pytest.raises(ModelLoadError, match=rf"model '{re.escape(name)}': no such folder; embedded models: "
+                                                 r"'smollm2-135m-instruct'"):
+            load_model(name, device="cpu", num_threads=1)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file, not a model folder"):
+        load_model(str(tmp_path / "weights.bin"), device="cpu", num_threads=1)
+
+
+def test_mistyped_model_name_fails_at_once_when_the_hub_cannot_help(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("from_pretrained must not be tried for a name nothing can provide")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_hub)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ModelLoadError, match=r"'smollm2-135m' is not a local folder and not in the Hugging Face "
+                                             r"cache, and the hub is unreachable; did you mean 'smollm2-135m-instruct'"):
+        load_model("smollm2-135m", device="cpu", num_threads=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="could not load model '/no/such/model'"):
-        load_model("/no/such/model", device="cpu", num_threads=1)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: pytest.fail("offline: no connection attempt"))
+    with pytest.raises(ModelLoadError, match=r"HF_HUB_OFFLINE is set; embedded models: 'smollm2-135m-instruct'"):
+        load_model("someone/some-model", device="cpu", num_threads=1)
+
+
+def test_an_unreachable_endpoint_is_detected_in_one_short_try(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert models._hub_reachable(timeout=1.0) is False
+
+
+def test_loading_and_wrapping_a_model_is_silent(model, tokenizer, tmp_path, capfd):
+    import warnings
+
+    from absorber_memory import ParametricMemory
+
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ParametricMemory(str(tmp_path / "m"), config={"device": "cpu", "num_threads": 1})
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert [str(w.message) for w in caught] == []
