@@ -107,6 +107,11 @@ class AbsorberConfig(BaseModel):
         description="Teacher of a later streaming round: `history` = the frozen model reading every absorbed message "
         "(falls back to `chained` when that does not fit the context); `chained` = the current adapter reading C only.",
     )
+    sync_recitation: Literal["off", "each", "after"] = Field(
+        "off",
+        description="Sync text quoting each absorbed user turn after 'Remind me what I told you.': `each` = one "
+        "segment per turn after the prefix, `after` = all of them after the following turns (`off`: none).",
+    )
     probe_prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROBES),
         description="Generic, context-free probe questions; rotated across absorptions.",

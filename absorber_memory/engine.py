@@ -30,7 +30,7 @@ from .generation import generate_batch_ids, generate_text
 from .jobs import StepCallback
 from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit, quiet_transformers
 from .persistence import load_adapter_weights, save_adapter
-from .probes import chained_probe_segment, pick_probes, probe_segments
+from .probes import chained_probe_segment, pick_probes, probe_segments, recitation_segments
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class AbsorptionEngine:
         def answer_all(questions: list[list[Message]]) -> list[str]:
             return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher)
 
-        segments = list(segments or [])
+        segments = list(segments or []) + recitation_segments(context, self.config.sync_recitation, following)
         if following:
             segments.append(chained_probe_segment(answer, prompts, following))
         else:

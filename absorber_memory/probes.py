@@ -103,3 +103,36 @@ def chained_probe_segment(
         reply = answer(messages + [question]).strip() or "..."
         messages += [question, {"role": "assistant", "content": reply}]
     return messages
+
+
+#: The question before each recited user turn (see `recitation_segments`).
+RECITE_PROMPT = "Remind me what I told you."
+
+
+def recitation_segments(context: list[Message], mode: str, lead: list[Message] | None = None) -> list[list[Message]]:
+    """Sync text whose answers quote the absorbed user turns: where the teacher's predictions carry C's facts.
+
+    Each user message of `context` becomes `[RECITE_PROMPT; 'You told me: "<message>"']`.
+    The teacher reads C, so it predicts the quoted words with confidence; the
+    student, without C, must learn them, which is what lets it state a fact
+    later. Generic probe answers rarely mention the facts of a chatty C.
+
+    Args:
+        context: C, the messages being absorbed (only user turns are recited).
+        mode: "off" (none), "each" (one segment per user turn, straight after
+            the prefix) or "after" (one segment: `lead`, then every recitation
+            in turn, where inference asks the next question).
+        lead: the turns that follow C, for "after".
+    """
+    if mode == "off":
+        return []
+    pairs = [
+        [{"role": "user", "content": RECITE_PROMPT}, {"role": "assistant", "content": f'You told me: "{m["content"]}"'}]
+        for m in context
+        if m["role"] == "user"
+    ]
+    if mode == "each" or not pairs:
+        return pairs
+    if mode == "after":
+        return [list(lead or []) + [m for pair in pairs for m in pair]]
+    raise ValueError(f"recitation mode must be 'off', 'each' or 'after', got {mode!r}")

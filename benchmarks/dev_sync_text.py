@@ -8,10 +8,11 @@ whether the fact is stated). Variants of S, all with the following turns (capped
 
 - `default`: what the library does today;
 - `recite`: plus one segment per user message of C, right after the prefix:
-  "Remind me what I told you." -> 'You told me: "<the message>"';
-- `after`: the same recitations chained after the following turns, in one segment;
+  "Remind me what I told you." -> 'You told me: "<the message>"' (`sync_recitation="each"`);
+- `after`: the same recitations chained after the following turns, in one segment (`"after"`);
 - `aftereach`: one segment per recitation, each after the following turns;
-- options `+steps=N`, `+probes=N`, `+per=N` (sync_batch_segments), `+lr=X`, `+ans=N`.
+- options `+steps=N`, `+probes=N`, `+per=N` (sync_batch_segments), `+lr=X`, `+ans=N`,
+  `+kl=W` (adds the logit KL loss with weight W beside L1).
 
     python benchmarks/dev_sync_text.py 100,101 default,recite,after,aftereach,default+steps=60
 
@@ -32,6 +33,7 @@ from absorber_memory.bench.streaming import agent_chats
 from absorber_memory.engine import AbsorptionEngine
 from absorber_memory.generation import generate_text
 from absorber_memory.metrics import answer_logprobs, kl_sum, reference_answer
+from absorber_memory.probes import recitation_segments
 
 WINDOW = 256
 
@@ -54,16 +56,6 @@ def main(seeds: list[int], variants: list[str]) -> None:
             chat.prefix, messages + [{"role": "user", "content": chat.queries[i]}], add_generation_prompt=True
         )
         return ids + eng.tokenizer.encode(chat.cues[i], add_special_tokens=False)
-
-    def recitations(context):
-        return [
-            [
-                {"role": "user", "content": "Remind me what I told you."},
-                {"role": "assistant", "content": f'You told me: "{m["content"]}"'},
-            ]
-            for m in context
-            if m["role"] == "user"
-        ]
 
     def score(chat, window, refs, adapter):
         kl = tokens = both = 0
@@ -99,15 +91,16 @@ def main(seeds: list[int], variants: list[str]) -> None:
             for key, field, kind in (("per", "sync_batch_segments", int), ("lr", "lr", float)):
                 if key in opt:
                     over[field] = kind(opt[key])
+            over["losses"] = {"l1": 1.0, **({"logit_kl": float(opt["kl"])} if "kl" in opt else {})}
             if "ans" in opt:
                 over["probe_max_new_tokens"] = int(opt["ans"])
             eng.reconfigure(**over)
             following = capped(eng, window, 128)
             segments = {
                 "default": [],
-                "recite": recitations(context),
-                "after": [following + [m for r in recitations(context) for m in r]],
-                "aftereach": [following + r for r in recitations(context)],
+                "recite": recitation_segments(context, "each"),
+                "after": recitation_segments(context, "after", following),
+                "aftereach": [following + r for r in recitation_segments(context, "each")],
             }[name]
             start = time.perf_counter()
             report = eng.run_round(
