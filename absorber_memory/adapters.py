@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class AdapterCache:
             if _same_shape(self.model.peft_config[slot], config):
                 # Overwriting weights in place: cold switch 174 ms vs 446 ms for a new PEFT adapter (BENCHMARKS.md).
                 return slot
-            self.model.delete_adapter(slot)
+            self._delete(slot)
         self._serial += 1
         slot = f"s{self._serial}"
         self.model.add_adapter(slot, config)
@@ -103,12 +104,12 @@ class AdapterCache:
             slot = old[0]
         else:
             if old is not None:
-                self.model.delete_adapter(old[0])
+                self._delete(old[0])
             slot = self._free_slot(config)
         try:
             load_adapter_weights(self.model, slot, folder)
         except BaseException:
-            self.model.delete_adapter(slot)  # a half-overwritten slot must never serve anyone
+            self._delete(slot)  # a half-overwritten slot must never serve anyone
             raise
         self._slots[key] = (slot, version)
         self.stats.loads += 1
@@ -147,9 +148,15 @@ class AdapterCache:
                 self.model.set_adapter(slot)
             yield self.model
 
+    def _delete(self, slot: str) -> None:
+        """Drop a slot; peft's note that the active adapter went away is expected here (use() re-activates)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*", category=UserWarning)
+            self.model.delete_adapter(slot)
+
     def evict(self, key: str) -> None:
         """Unload a session's adapter (after it was forgotten or replaced)."""
         with self._lock:
             entry = self._slots.pop(key, None)
             if entry is not None:
-                self.model.delete_adapter(entry[0])
+                self._delete(entry[0])
