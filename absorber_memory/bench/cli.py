@@ -127,6 +127,8 @@ def _streaming(
     split: str,
     overrides: dict[str, Any],
     meta: dict[str, Any],
+    variants: dict[str, dict[str, Any]] | None = None,
+    teachers: list[str] | None = None,
 ) -> list[Path]:
     """`bench streaming`: the agent path against full context, truncation, running summary and one-shot."""
     from tqdm.auto import tqdm
@@ -147,10 +149,12 @@ def _streaming(
         **st["train"],
     )
     config = AbsorberConfig(**{**base, **overrides})  # bad `--set` values fail here, before anything loads
-    teachers: list[str] = [
-        config.streaming_teacher,
-        *(t for t in ("history", "chained") if t != config.streaming_teacher),
-    ]
+    first = config.streaming_teacher
+    teachers = teachers or [first, *(t for t in ("history", "chained") if t != first)]
+    streams: dict[str, dict[str, Any]] = {f"stream-{t}": {"streaming_teacher": t} for t in teachers}
+    for name, extra in (variants or {}).items():
+        AbsorberConfig(**{**base, **overrides, **extra})  # a bad variant fails here, before anything loads
+        streams[f"stream-{name}"] = extra
 
     def loaded() -> tuple[Any, Any]:
         if model == "tiny":
@@ -171,16 +175,17 @@ def _streaming(
     chats = agent_chats(
         st[split], st["chat_messages"], chitchat_seed=0 if split == "test" else 1, queries=st["queries"]
     )
-    bar = tqdm(total=len(chats) * (len(teachers) + 6), desc="streaming", unit="run")
+    bar = tqdm(total=len(chats) * (len(streams) + 6), desc="streaming", unit="run")
     started = time.perf_counter()
     result = streaming_experiment(
-        load_engine, make_memory, chats, teachers=teachers, max_new_tokens=st["max_new_tokens"], tick=_ticker(bar)
+        load_engine, make_memory, chats, streams=streams, max_new_tokens=st["max_new_tokens"], tick=_ticker(bar)
     )
     bar.close()
     settings = {
         **st,
         "split": split,
         "config": config.model_dump(mode="json"),
+        "streams": streams,
         "wall_seconds": time.perf_counter() - started,
     }
     table = markdown_table(
@@ -200,6 +205,17 @@ def _streaming(
         ],
     )
     return write_outputs(out, "streaming", {**meta, "settings": settings, **result}, table, plot_streaming)
+
+
+def parse_variants(specs: list[list[str]] | None) -> dict[str, dict[str, Any]]:
+    """`[["recite", "sync_recitation=after"]]` -> `{"recite": {"sync_recitation": "after"}}` (see `--variant`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs or []:
+        name, *pairs = spec
+        if "=" in name or not pairs or name in ("history", "chained") or name in out:
+            raise SystemExit(f"--variant: expected a new NAME then KEY=VALUE pairs, got {spec!r}")
+        out[name] = parse_overrides(pairs)
+    return out
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -260,11 +276,15 @@ def run(
     factors: list[str] | None = None,
     split: str = "test",
     overrides: dict[str, Any] | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
+    teachers: list[str] | None = None,
 ) -> list[Path]:
     """Run one subcommand (or `all`); returns the files written.
 
     `factors` limits the ablation grid; `split` picks the streaming benchmark's
-    sessions (`dev` for tuning, `test` for reporting); `overrides` are its config changes.
+    sessions (`dev` for tuning, `test` for reporting); `overrides` are its config changes,
+    `variants` extra streaming rows (name -> further overrides) and `teachers` the
+    `streaming_teacher`s streamed (default: both).
     """
     from tqdm.auto import tqdm
 
@@ -277,7 +297,7 @@ def run(
     written: list[Path] = []
     meta = {"command": command, "quick": quick, "model": model, "machine": _machine()}
     if command in ("streaming", "all"):
-        written += _streaming(out, quick, model, device, threads, split, overrides or {}, meta)
+        written += _streaming(out, quick, model, device, threads, split, overrides or {}, meta, variants, teachers)
         if command == "streaming":
             return written
     load = _loader(model, device, threads)
@@ -413,6 +433,22 @@ def add_parser(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="streaming: AbsorberConfig overrides, e.g. --set probe_count=16 streaming_teacher=chained",
     )
+    bench.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar="NAME KEY=VALUE",
+        help="streaming: one more streamed row, 'stream-NAME', with these overrides on top of --set "
+        "(repeatable), e.g. --variant recite sync_recitation=after",
+    )
+    bench.add_argument(
+        "--teachers",
+        nargs="+",
+        choices=["history", "chained"],
+        default=None,
+        help="streaming: which streaming_teacher rows to stream (default: both)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -426,6 +462,8 @@ def main(args: argparse.Namespace) -> int:
         factors=args.factors,
         split=args.split,
         overrides=parse_overrides(args.set),
+        variants=parse_variants(args.variant),
+        teachers=args.teachers,
     )
     print(json.dumps([str(p) for p in paths], indent=2))
     return 0

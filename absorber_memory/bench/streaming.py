@@ -289,24 +289,22 @@ def streaming_experiment(
     make_memory: Callable[..., Any],
     chats: list[AgentChat],
     *,
-    teachers: list[str],
+    streams: dict[str, dict[str, Any]],
     max_new_tokens: int,
     tick: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Stream each chat once per teacher, evaluate every method, pool; returns JSON-ready results."""
+    """Stream each chat once per entry of `streams` (row name -> config overrides), evaluate every method, pool."""
     engine = load_engine()
     raw: dict[str, list[dict[str, Any]]] = {}
     prefill: list[dict[str, float]] = []
     work = Path(tempfile.mkdtemp(prefix="absorber-streaming-"))
     try:
         for chat in chats:
-            streams = {}
-            for teacher in teachers:
-                tick(f"stream {chat.name} ({teacher} teacher)")
-                streams[f"stream-{teacher}"] = stream_session(
-                    make_memory, chat, work / f"{chat.name}-{teacher}", {"streaming_teacher": teacher}
-                )
-            for name, result in evaluate_chat(engine, chat, streams, max_new_tokens, tick).items():
+            streamed = {}
+            for k, (row, extra) in enumerate(streams.items()):
+                tick(f"{row} on {chat.name}")
+                streamed[row] = stream_session(make_memory, chat, work / f"{chat.name}-{k}", extra)
+            for name, result in evaluate_chat(engine, chat, streamed, max_new_tokens, tick).items():
                 raw.setdefault(name, []).append({"chat": chat.name, **result})
             ids = engine.fmt.encode(chat.prefix, chat.messages)
             prefill.append(

@@ -141,3 +141,29 @@ def test_cued_questions_end_their_prompt_with_the_answer_start(make_memory):
     assert asked == bare + cue and len(cue) > 0
     chat = agent_chats([5], 2, 0, 3)[0]
     assert chat.cues == persona_conversation(5, cued=True).cues[:3]
+
+
+def test_streaming_variants_add_rows_with_their_overrides(tmp_path):
+    argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
+            "--teachers", "history", "--variant", "recite", "sync_recitation=after", 'losses={"l1":1,"logit_kl":1}']
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "streaming.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == ["full", "truncation", "summary", "one-shot", "stream-history", "stream-recite"]
+    assert data["settings"]["streams"]["stream-recite"] == {"sync_recitation": "after",
+                                                              "losses": {"l1": 1, "logit_kl": 1}}
+    recite_jobs = data["raw"]["stream-recite"][0]["jobs"]
+    history_jobs = data["raw"]["stream-history"][0]["jobs"]
+    assert sum(j["sync_tokens"] for j in recite_jobs) > sum(j["sync_tokens"] for j in history_jobs)  # quotes trained
+
+
+@pytest.mark.parametrize("spec", [["history", "probe_count=1"], ["x"], ["a=b"]])
+def test_bad_streaming_variants_are_refused(tmp_path, spec):
+    with pytest.raises(SystemExit, match="--variant"):
+        main(["bench", "streaming", "--quick", "--model", "tiny", "--out", str(tmp_path), "--variant", *spec])
+    from absorber_memory import ConfigError
+
+    with pytest.raises(ConfigError, match="`sync_recitation` input should be"):
+        main(["bench", "streaming", "--quick", "--model", "tiny", "--out", str(tmp_path), "--variant", "v",
+              "sync_recitation=sometimes"])
+    assert not (tmp_path / "streaming.json").exists()  # refused before anything ran
