@@ -31,6 +31,7 @@ from .memory import ParametricMemory
 from .metrics import FidelityReport, fidelity, session_fidelity
 from .models import DEFAULT_MODEL, load_model
 from .queue import AbsorptionQueue, JobHandle
+from .recall import RECALL_QUESTIONS, Recalled
 from .sessions import DEFAULT_SESSION, AbsorberMemory
 from .shared import memory_from_spec, memory_spec, resolve_memory, shared_memory
 from .store import StoredMessage, check_id
@@ -43,6 +44,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_SESSION",
+    "RECALL_QUESTIONS",
     "AbsorberConfig",
     "AbsorberError",
     "AbsorberMemory",
@@ -64,6 +66,7 @@ __all__ = [
     "LocalExecutor",
     "ModelLoadError",
     "ParametricMemory",
+    "Recalled",
     "SkippedContentWarning",
     "StorageError",
     "StoredMessage",

@@ -30,6 +30,7 @@ from .errors import InvalidMessageError, StorageError
 from .jobs import StepCallback
 from .models import DEFAULT_MODEL, identity_mismatch
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
+from .recall import Recalled, recall_answers
 from .stream import plan_absorption
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,11 @@ class ParametricMemory:
         prefix, rest = split_prefix(msgs)
         max_new = generation_kwargs.pop("max_new_tokens", self.config.max_new_tokens)
         return self.engine.generate(prefix or self._prefix, rest, max_new, **generation_kwargs)
+
+    def recall(self, questions: list[str] | None = None) -> list[Recalled]:
+        """What the adapter alone holds: generic questions answered with only the prefix in the prompt, by the
+        adapted model and (`base`) by the base model; see `AbsorberMemory.recall`."""
+        return recall_answers(self.model, self.tokenizer, self.fmt, self._prefix, questions)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

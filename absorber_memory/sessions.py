@@ -58,6 +58,7 @@ from .layout import SessionLayout, session_key
 from .models import DEFAULT_MODEL, absorber_home, base_model, model_identity, prompt_limit
 from .prompts import SessionPrompts
 from .queue import JobHandle
+from .recall import Recalled, recall_answers
 from .recovery import check_base_model, recover_sessions
 from .store import Store, StoredMessage, check_id
 
@@ -312,6 +313,11 @@ class AbsorberMemory:
         ids = self.prompts.ids(sid, messages, raw=raw)
         return TextStream(lambda: self.adapted_model(sid), self.tokenizer, ids, most, stop, **generation_kwargs)
 
+    def recall(self, session_id: str = DEFAULT_SESSION, questions: list[str] | None = None) -> list[Recalled]:
+        """What the session's adapter alone holds, answered beside the base model (see `recall.recall_answers`)."""
+        with self.adapted_model(session_id) as model:
+            return recall_answers(model, self.tokenizer, self.fmt, self.prefix(session_id), questions)
+
     # --- jobs ----------------------------------------------------------------------------------
     def jobs(self, session_id: str | None = None, status: JobStatus | str | None = None) -> list[JobInfo]:
         """Absorption jobs (of one session, with one status), oldest first."""
@@ -383,6 +389,7 @@ class AbsorberMemory:
 
     aadd_messages = _in_thread(add_messages)
     agenerate = _in_thread(generate)
+    arecall = _in_thread(recall)
     acontext_messages = _in_thread(context_messages)
     aforget = _in_thread(forget)
     aforget_user = _in_thread(forget_user)

@@ -90,6 +90,10 @@ class AbsorberChatMessageHistory(BaseChatMessageHistory):
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         await asyncio.to_thread(self.add_messages, messages)
 
+    def recall(self, questions: list[str] | None = None) -> list[Any]:
+        """What this session's adapter alone holds, beside the base model (`AbsorberMemory.recall`)."""
+        return self.memory.recall(self.session_id, questions)
+
     def clear(self) -> None:
         """Forget the session: its messages, pending jobs and adapters."""
         self.memory.forget(self.session_id)

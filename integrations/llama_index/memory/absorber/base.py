@@ -112,6 +112,10 @@ class AbsorberMemory(CoreHandle, BaseMemory):
 
         return AbsorberLLM(self.memory, session_id=self.session_id, **kwargs)
 
+    def recall(self, questions: list[str] | None = None) -> list[Any]:
+        """What this session's adapter alone holds, beside the base model (`absorber_memory.AbsorberMemory.recall`)."""
+        return self._session().recall(self.session_id, questions)
+
     def _session(self) -> Any:
         """The core, with this memory's system prompt set as the session prefix (once per object)."""
         core = self.memory
