@@ -1,8 +1,10 @@
-"""Command line: `absorber-memory demo`, `absorber-memory bench ...` and `absorber-memory info`.
+"""Command line: `absorber-memory demo | bench | info | sessions | show | absorb | recall | forget | export`.
 
 `demo` runs the scripted absorption demo on the default model (see
 `demo.py`); `bench` runs the benchmark suite (see `bench/`); `info` prints
-where data lives and what the runtime will use.
+where data lives and what the runtime will use; the housekeeping commands
+(`sessions`, `show`, `absorb`, `recall`, `forget`, `forget-user`, `export`)
+read and change a data directory (see `commands.py`).
 """
 
 from __future__ import annotations
@@ -60,20 +62,29 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", default=None, help="also write the figures to this JSON file")
     sub.add_parser("info", help="show data directory, device and default model file")
     from .bench.cli import add_parser
+    from .commands import COMMANDS, add_parsers, run_command
 
     add_parser(sub)
+    add_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     _quiet_libraries()
 
     if args.command == "info":
         return _info()
+    from .errors import AbsorberError
+
+    if args.command in COMMANDS:
+        try:
+            return run_command(args)
+        except AbsorberError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "bench":
         from .bench.cli import main as bench_main
 
         return bench_main(args)
     from .demo import run_demo
-    from .errors import AbsorberError
 
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("device", args.device)) if v is not None}
     try:

@@ -105,6 +105,7 @@ class StoredMessage:
     content: str
     absorbed_version: int | None
     key: str | None = None
+    created: float | None = None  # when it was stored (seconds since the epoch)
 
     @property
     def absorbed(self) -> bool:
@@ -139,7 +140,9 @@ class JobRow:
 
 
 def _message(r: sqlite3.Row) -> StoredMessage:
-    return StoredMessage(r["id"], r["session_id"], r["role"], r["content"], r["absorbed_version"], r["key"])
+    return StoredMessage(
+        r["id"], r["session_id"], r["role"], r["content"], r["absorbed_version"], r["key"], r["created"]
+    )
 
 
 def _job(row: sqlite3.Row) -> JobRow:
