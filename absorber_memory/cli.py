@@ -1,8 +1,9 @@
-"""Command line: `absorber-memory demo | bench | info | sessions | show | absorb | recall | forget | export`.
+"""Command line: `absorber-memory chat | demo | bench | info | sessions | show | absorb | recall | forget | export`.
 
 `demo` runs the scripted absorption demo on the default model (see
 `demo.py`); `bench` runs the benchmark suite (see `bench/`); `info` prints
-where data lives and what the runtime will use; the housekeeping commands
+where data lives and what the runtime will use; `chat` talks to a persistent
+session (see `chatcli.py`); the housekeeping commands
 (`sessions`, `show`, `absorb`, `recall`, `forget`, `forget-user`, `export`)
 read and change a data directory (see `commands.py`).
 """
@@ -62,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", default=None, help="also write the figures to this JSON file")
     sub.add_parser("info", help="show data directory, device and default model file")
     from .bench.cli import add_parser
+    from .chatcli import add_parser as add_chat_parser
     from .commands import COMMANDS, add_parsers, run_command
 
     add_parser(sub)
+    add_chat_parser(sub)
     add_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -74,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     from .errors import AbsorberError
 
-    if args.command in COMMANDS:
+    if args.command in (*COMMANDS, "chat"):
+        from .chatcli import run_chat
+
         try:
-            return run_command(args)
+            return run_chat(args) if args.command == "chat" else run_command(args)
         except AbsorberError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
