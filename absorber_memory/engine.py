@@ -150,7 +150,13 @@ class AbsorptionEngine:
         prompts = pick_probes(self.config.probe_prompts, n_probes, round_index)
         max_new = self.config.probe_max_new_tokens
         kind, read = ("frozen" if base_teacher else "chained"), context
-        if history and not base_teacher and self.history_fits(prefix, history + context, following, len(prompts)):
+        recited = recitation_segments(context, self.config.sync_recitation, following)
+        quoted = sum(self.fmt.count(m) for pair in recitation_segments(context, "each") for m in pair) if recited else 0
+        if (
+            history
+            and not base_teacher
+            and self.history_fits(prefix, history + context, following, len(prompts), quoted)
+        ):
             kind, read, base_teacher = "history", history + context, True
 
         def answer(question: list[Message]) -> str:
@@ -159,7 +165,7 @@ class AbsorptionEngine:
         def answer_all(questions: list[list[Message]]) -> list[str]:
             return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher)
 
-        segments = list(segments or []) + recitation_segments(context, self.config.sync_recitation, following)
+        segments = list(segments or []) + recited
         if following:
             segments.append(chained_probe_segment(answer, prompts, following))
         else:
@@ -186,14 +192,20 @@ class AbsorptionEngine:
         return report
 
     def history_fits(
-        self, prefix: list[Message], teacher_context: list[Message], following: list[Message] | None, probes: int
+        self,
+        prefix: list[Message],
+        teacher_context: list[Message],
+        following: list[Message] | None,
+        probes: int,
+        extra_tokens: int = 0,
     ) -> bool:
         """Whether a teacher reading `[prefix; teacher_context; following; probes and answers]` fits the context.
 
-        Each probe is allowed 32 tokens for its question plus `probe_max_new_tokens` for its answer.
+        Each probe is allowed 32 tokens for its question plus `probe_max_new_tokens` for its answer;
+        `extra_tokens` (e.g. recited turns) are counted on top, as if all sat in one segment.
         """
         used = len(self.fmt.prefix_ids(prefix)) + sum(self.fmt.count(m) for m in teacher_context + (following or []))
-        return used + probes * (32 + self.config.probe_max_new_tokens) <= self.limit
+        return used + probes * (32 + self.config.probe_max_new_tokens) + extra_tokens <= self.limit
 
     # --- generation -----------------------------------------------------------------------
     def scope(self, base: bool) -> contextlib.AbstractContextManager[Any]:

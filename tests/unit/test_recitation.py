@@ -60,3 +60,21 @@ def test_streaming_with_recitation_loses_and_repeats_nothing(make_service):
     memory.flush()
     assert memory.jobs("s") and all(j.status == "done" for j in memory.jobs("s"))
     check_invariants(memory, "s", added)
+
+
+def test_recited_turns_count_when_deciding_whether_the_history_fits(tokenizer):
+    from absorber_memory import ParametricMemory
+    from absorber_memory.testing import tiny_model
+
+    from .test_history_teacher import STREAM
+
+    def kinds(mode: str) -> list[str]:
+        config = AbsorberConfig(**STREAM, context_tokens=240, sync_recitation=mode)
+        pm = ParametricMemory(tiny_model(tokenizer, seed=0), tokenizer=tokenizer, config=config)
+        for k in range(8):
+            pm.add_messages(turn(k))
+        return [e["report"]["teacher"] for e in pm.absorption_log]
+
+    off, after = kinds("off"), kinds("after")
+    assert len(off) == len(after) and "history" in off
+    assert after.index("chained") < off.index("chained"), (off, after)  # quotes take room: fallback comes sooner
