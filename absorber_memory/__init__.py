@@ -44,7 +44,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_SESSION",
-    "RECALL_QUESTIONS",
     "AbsorberConfig",
     "AbsorberError",
     "AbsorberMemory",
@@ -66,6 +65,7 @@ __all__ = [
     "LocalExecutor",
     "ModelLoadError",
     "ParametricMemory",
+    "RECALL_QUESTIONS",
     "Recalled",
     "SkippedContentWarning",
     "StorageError",

@@ -24,6 +24,8 @@ EXPECTED_ALL = [
     "LocalExecutor",
     "ModelLoadError",
     "ParametricMemory",
+    "RECALL_QUESTIONS",
+    "Recalled",
     "SkippedContentWarning",
     "StorageError",
     "StoredMessage",

@@ -46,10 +46,16 @@ def spy_on_adapters(memory) -> list[tuple[str, str | None, str | None, bool]]:
 
     @contextlib.contextmanager
     def use(key, resolve):
-        with real_use(key, resolve) as model:
+        resolved = []  # what `use` itself resolved: a job may commit a newer version while the model is in use
+
+        def recording():
+            resolved.append(resolve())
+            return resolved[-1]
+
+        with real_use(key, recording) as model:
             slots = {k: slot for k, (slot, _) in cache._slots.items()}
             owners = [k for k, slot in slots.items() if slot == model.active_adapter]
-            seen.append((key, slots.get(key), model.active_adapter, resolve() is None, owners))
+            seen.append((key, slots.get(key), model.active_adapter, resolved[-1] is None, owners))
             yield model
 
     cache.use = use
