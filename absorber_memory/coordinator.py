@@ -24,7 +24,7 @@ from typing import Any
 
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
-from .errors import InvalidMessageError, JobCancelled
+from .errors import ConfigError, InvalidMessageError, JobCancelled
 from .jobs import PENDING, Executor, JobInfo, JobResult, JobSpec, JobStatus
 from .layout import SessionLayout
 from .queue import AbsorptionQueue, JobHandle
@@ -66,8 +66,17 @@ class JobCoordinator:
 
         Planning on start covers overflow stored just before a crash (the add
         committed, its jobs never queued) and messages whose adapter recovery
-        had to drop.
+        had to drop. An executor that says how many jobs it runs at once
+        (`executor.workers`) gets that many queue threads; one whose workers
+        load their own base model (`executor.loads_own_model`) needs the
+        model's name or path.
         """
+        if getattr(executor, "loads_own_model", False) and self.model_name is None:
+            raise ConfigError(
+                f"{type(executor).__name__} runs jobs on workers that load their own base model: "
+                "build AbsorberMemory from a model name or path, not a loaded model object"
+            )
+        workers = getattr(executor, "workers", workers)
         self.queue = AbsorptionQueue(executor, self, workers=workers)
         for job in self.store.jobs(statuses=PENDING):
             self.queue.submit(job.id, job.session_id)

@@ -7,11 +7,10 @@ finished-but-uncommitted adapter from a stray.
 
 `Executor` (in `jobs.py`) is the seam between the queue and compute:
 `LocalExecutor` runs jobs in this process on training replicas that share
-the frozen base weights with the inference model. A distributed backend
-(e.g. Ray) only has to implement `run(spec, on_step)`: ship
-`spec.model_dump()` to a worker, `build_engine(spec)` there (cached per
-worker) and call `run_job`; the adapter folder must land on storage the
-serving process can read.
+the frozen base weights with the inference model. `ray_executor.RayExecutor`
+ships `spec.model_dump()` and the previous adapter's bytes to Ray actors,
+which `build_engine(spec)` once, call `run_job` on a private folder and send
+the new adapter's bytes back for the driver to write.
 """
 
 from __future__ import annotations
@@ -85,6 +84,7 @@ class LocalExecutor:
         # Replicas are made now, while `base_model` is still a plain model: once the
         # inference side injects its LoRA layers, its state dict no longer fits a twin.
         cfg = config.model_copy(update={"auto_absorb": False})
+        self.workers = workers
         self._idle: queue.SimpleQueue[AbsorptionEngine] = queue.SimpleQueue()
         for _ in range(workers):
             self._idle.put(AbsorptionEngine(replica(base_model), tokenizer=copy.deepcopy(tokenizer), config=cfg))

@@ -74,7 +74,12 @@ class JobResult(BaseModel):
 
 
 class Executor(Protocol):
-    """Runs one job to completion; `on_step(step, loss)` may raise to cancel."""
+    """Runs one job to completion; `on_step(step, loss)` may raise to cancel.
+
+    Optional attributes the queue reads: `workers` (how many jobs it runs at
+    once; the queue starts that many threads) and `loads_own_model` (True when
+    its workers load the base model from `spec.model`, which then must be set).
+    """
 
     def run(self, spec: JobSpec, on_step: StepCallback) -> JobResult: ...
 

@@ -25,6 +25,7 @@ EXPECTED_ALL = [
     "ModelLoadError",
     "ParametricMemory",
     "RECALL_QUESTIONS",
+    "RayExecutor",
     "Recalled",
     "SkippedContentWarning",
     "StorageError",
