@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import AbsorberError, InvalidMessageError, InvalidSessionError, StorageError
+from .errors import AbsorberError, InvalidMessageError, InvalidSessionError
 from .models import DEFAULT_MODEL
-
-#: The manifest written next to an exported adapter.
-MANIFEST = "absorber-manifest.json"
 
 
 def open_memory(args: argparse.Namespace, **config: Any) -> Any:
@@ -124,48 +119,6 @@ def read_messages(path: Path) -> list[dict[str, Any]]:
     return [{"role": "user", "content": p} for p in paragraphs]
 
 
-def export_session(memory: Any, session_id: str, directory: Path) -> Path:
-    """Write the session's committed PEFT adapter, its transcript and a manifest into an empty `directory`.
-
-    `directory/adapter/` is a plain PEFT folder (what a multi-LoRA server
-    loads); `transcript.jsonl` holds every message with its id and whether it
-    is absorbed; `absorber-manifest.json` names the base model, rank, target
-    modules, adapter version and which messages the adapter holds.
-    """
-    known_session(memory, session_id)
-    adapter = memory.adapter_path(session_id)
-    if adapter is None:
-        raise StorageError(f"session {session_id!r} has no adapter yet (nothing absorbed); `flush` it first")
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise StorageError(f"{directory} is not an empty directory; export into a new or empty one")
-    rows = memory.transcript(session_id)
-    lora = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    manifest = {
-        "session": session_id,
-        "base_model": memory.model_label,
-        "adapter_version": memory.store.session(session_id).adapter_version,
-        "rank": lora.get("r"),
-        "lora_alpha": lora.get("lora_alpha"),
-        "target_modules": lora.get("target_modules"),
-        "absorbed_message_ids": [m.id for m in rows if m.absorbed],
-        "window_message_ids": [m.id for m in rows if not m.absorbed and m.role != "system"],
-    }
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(adapter, tmp / "adapter")
-        with (tmp / "transcript.jsonl").open("w", encoding="utf-8") as f:
-            for m in rows:
-                f.write(json.dumps({"id": m.id, "role": m.role, "content": m.content, "absorbed": m.absorbed}) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        if directory.exists():
-            directory.rmdir()
-        tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
@@ -240,7 +193,8 @@ def _dispatch(memory: Any, args: argparse.Namespace) -> int:
         print(json.dumps({"user": args.user_id, "sessions": gone}) if args.json else f"forgot sessions {gone}")
         return 0
     if cmd == "export":
-        path = export_session(memory, args.session, Path(args.directory))
+        known_session(memory, args.session)
+        path = memory.export_adapter(args.session, Path(args.directory))
         print(json.dumps({"session": args.session, "directory": str(path)}) if args.json else f"exported to {path}")
         return 0
     raise AbsorberError(f"unknown command {cmd!r}")

@@ -52,6 +52,7 @@ from .chat import (
 from .config import AbsorberConfig, as_config, lora_config
 from .coordinator import JobCoordinator
 from .executor import LocalExecutor
+from .export import export_adapter
 from .generation import TextStream, generate_text
 from .jobs import Executor, JobInfo, JobStatus
 from .layout import SessionLayout, session_key
@@ -312,6 +313,10 @@ class AbsorberMemory:
         sid, most = check_id(session_id), self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids = self.prompts.ids(sid, messages, raw=raw)
         return TextStream(lambda: self.adapted_model(sid), self.tokenizer, ids, most, stop, **generation_kwargs)
+
+    def export_adapter(self, session_id: str, directory: str | Path) -> Path:
+        """Write the session's PEFT adapter, transcript and manifest into `directory` (see `export.export_adapter`)."""
+        return export_adapter(self, session_id, directory)
 
     def recall(self, session_id: str = DEFAULT_SESSION, questions: list[str] | None = None) -> list[Recalled]:
         """What the session's adapter alone holds, answered beside the base model (see `recall.recall_answers`)."""

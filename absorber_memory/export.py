@@ -1,0 +1,111 @@
+"""Exporting a session's memory for a multi-LoRA server, and what such a server accepts.
+
+`export_adapter` writes a session's committed adapter as a plain PEFT folder
+with its transcript and a manifest; `serving_problems` lists what in an
+adapter's `adapter_config.json` a vLLM server would refuse, following the
+checks vLLM runs when it loads a LoRA (`vllm.lora.peft_helper.PEFTHelper.
+validate_legal`): rank above `--max-lora-rank`, a bias, `modules_to_save`,
+DoRA, and initialisations that change the base weights. Our adapters pass
+them by construction (plain LoRA on linear layers, bias "none"); the check
+keeps it so when settings change, and the manifest records the rank a server
+must allow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidSessionError, StorageError
+from .persistence import ADAPTER_CONFIG
+
+__all__ = ["MANIFEST", "export_adapter", "serving_problems"]
+
+#: The manifest's file name inside an exported folder.
+MANIFEST = "absorber-manifest.json"
+
+#: Weight initialisations that only set the adapter's starting point (a saved adapter is a plain LoRA).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def serving_problems(adapter_config: dict[str, Any], max_lora_rank: int | None = None) -> list[str]:
+    """What a vLLM server (started with `--max-lora-rank max_lora_rank`) would refuse in this adapter config."""
+    problems = []
+    rank = max([int(adapter_config.get("r", 0)), *map(int, (adapter_config.get("rank_pattern") or {}).values())])
+    if rank <= 0:
+        problems.append(f"LoRA rank `r` must be a positive integer, got {adapter_config.get('r')!r}")
+    if max_lora_rank is not None and rank > max_lora_rank:
+        problems.append(f"LoRA rank {rank} is greater than max_lora_rank {max_lora_rank}")
+    if adapter_config.get("bias", "none") != "none" or adapter_config.get("lora_bias"):
+        problems.append("adapter bias is not supported")
+    extra = [m for m in adapter_config.get("modules_to_save") or [] if m not in ("classifier", "score")]
+    if extra:
+        problems.append(f"modules_to_save {extra} are not supported")
+    if adapter_config.get("use_dora"):
+        problems.append("DoRA is not supported")
+    init = adapter_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        problems.append(f"init_lora_weights={init!r} changes the base weights")
+    if not adapter_config.get("target_modules"):
+        problems.append("no `target_modules`")
+    return problems
+
+
+def export_adapter(memory: Any, session_id: str, directory: str | Path) -> Path:
+    """Write the session's committed adapter, transcript and manifest into a new or empty `directory`.
+
+    `directory/adapter/` is a plain PEFT folder (what a multi-LoRA server
+    loads); `transcript.jsonl` holds every message with its id and whether
+    this adapter holds it; `absorber-manifest.json` names the base model,
+    rank, target modules, adapter version, which messages the adapter holds
+    and which are still in the window. The folder appears whole or not at
+    all. A job committing meanwhile is fine: the export is of one version.
+    """
+    directory = Path(directory)
+    if memory.store.session(session_id) is None:
+        raise InvalidSessionError(f"unknown session {session_id!r}")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise StorageError(f"{directory} is not an empty directory; export into a new or empty one")
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    try:
+        for _ in range(3):  # a commit may delete the folder being copied: copy the new version then
+            shutil.rmtree(tmp, ignore_errors=True)
+            adapter = memory.adapter_path(session_id)
+            if adapter is None:
+                raise StorageError(f"session {session_id!r} has no adapter yet (nothing absorbed); `flush` it first")
+            try:
+                shutil.copytree(adapter, tmp / "adapter")
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise StorageError(f"session {session_id!r}: its adapter kept changing while it was exported; retry")
+        version = int(adapter.name.lstrip("v"))
+        held = {m.id for m in memory.transcript(session_id) if m.absorbed and m.absorbed_version <= version}
+        rows = memory.transcript(session_id)
+        lora = json.loads((tmp / "adapter" / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        manifest = {
+            "session": session_id,
+            "base_model": memory.model_label,
+            "adapter_version": version,
+            "rank": lora.get("r"),
+            "lora_alpha": lora.get("lora_alpha"),
+            "target_modules": lora.get("target_modules"),
+            "absorbed_message_ids": sorted(held),
+            "window_message_ids": [m.id for m in rows if m.id not in held and m.role != "system"],
+            "serving_problems": serving_problems(lora),
+        }
+        with (tmp / "transcript.jsonl").open("w", encoding="utf-8") as f:
+            for m in rows:
+                line = {"id": m.id, "role": m.role, "content": m.content, "absorbed": m.id in held}
+                f.write(json.dumps(line) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if directory.exists():
+            directory.rmdir()
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
