@@ -268,3 +268,39 @@ def test_a_loaded_model_object_is_refused_with_the_fix(tmp_path, executor):
         AbsorberMemory(
             tiny_model(tokenizer), tokenizer=tokenizer, data_dir=tmp_path / "d", executor=Recording(executor)
         )
+
+
+def test_a_driver_killed_while_a_ray_job_runs_replans_on_reopen(model_dir, tmp_path):
+    """SIGKILL the driver mid-job: reopening (here with the local executor) re-runs the job; nothing is lost."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    data_dir, ready = tmp_path / "data", tmp_path / "ready.json"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.kill_ray_driver", str(model_dir), str(data_dir), str(ready)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its local Ray cluster shares its process group, and dies with it
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert child.poll() is None, f"child ended without stalling:\n{child.stdout.read().decode()[-3000:]}"
+    time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(30)
+    stored = json.loads(ready.read_text())
+    assert len(stored) == 12
+    memory = AbsorberMemory(str(model_dir), config=AbsorberConfig(**SERVICE), data_dir=data_dir)
+    try:
+        assert [m.id for m in memory.transcript()] == stored
+        assert memory.adapter_path().name == "v1"  # job 1 committed; job 2 never did
+        ended = memory.flush(timeout=600)
+        assert ended and all(j.status == "done" for j in ended)
+        assert 2 in {j.id for j in memory.jobs() if j.status == "done"}  # the interrupted job ran again
+        check_invariants(memory, "default", stored)
+    finally:
+        memory.close()
