@@ -194,7 +194,9 @@ def _dispatch(memory: Any, args: argparse.Namespace) -> int:
         return 0
     if cmd == "export":
         known_session(memory, args.session)
-        path = memory.export_adapter(args.session, Path(args.directory))
+        path = memory.export_adapter(
+            args.session, Path(args.directory), base_model_name=args.base_model_name, transcript=not args.no_transcript
+        )
         print(json.dumps({"session": args.session, "directory": str(path)}) if args.json else f"exported to {path}")
         return 0
     raise AbsorberError(f"unknown command {cmd!r}")
@@ -225,9 +227,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("session")
     p.add_argument("--messages", type=int, nargs="+", default=None, metavar="ID", help="only these message ids")
     command("forget-user", "forget every session of a user").add_argument("user_id")
-    p = command("export", "write a session's PEFT adapter, transcript and manifest into an empty directory")
+    p = command("export", "write a session's adapter as a PEFT folder (+ manifest, transcript) into an empty directory")
     p.add_argument("session")
     p.add_argument("directory")
+    p.add_argument("--base-model-name", help="the model name given to `vllm serve` (its filesystem resolver checks it)")
+    p.add_argument("--no-transcript", action="store_true", help="leave the conversation out (for a serving host)")
 
 
 COMMANDS = ("sessions", "show", "absorb", "recall", "forget", "forget-user", "export")

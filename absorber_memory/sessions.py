@@ -314,9 +314,9 @@ class AbsorberMemory:
         ids = self.prompts.ids(sid, messages, raw=raw)
         return TextStream(lambda: self.adapted_model(sid), self.tokenizer, ids, most, stop, **generation_kwargs)
 
-    def export_adapter(self, session_id: str, directory: str | Path) -> Path:
-        """Write the session's PEFT adapter, transcript and manifest into `directory` (see `export.export_adapter`)."""
-        return export_adapter(self, session_id, directory)
+    def export_adapter(self, session_id: str, directory: str | Path, **options: Any) -> Path:
+        """Write the session's adapter as a PEFT folder with a manifest into `directory` (`export.export_adapter`)."""
+        return export_adapter(self, session_id, directory, **options)
 
     def recall(self, session_id: str = DEFAULT_SESSION, questions: list[str] | None = None) -> list[Recalled]:
         """What the session's adapter alone holds, answered beside the base model (see `recall.recall_answers`)."""

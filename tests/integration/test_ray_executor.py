@@ -100,7 +100,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def executor(cluster):
     """Two workers kept for the module (each loads the model once and keeps it)."""
-    ex = RayExecutor(workers=2, poll_s=0.05, num_threads=1)
+    ex = RayExecutor(workers=2, cpus_per_worker=0.5, poll_s=0.05, num_threads=1)  # leaves a CPU for the example
     yield ex
     ex.close()
 
@@ -304,3 +304,20 @@ def test_a_driver_killed_while_a_ray_job_runs_replans_on_reopen(model_dir, tmp_p
         check_invariants(memory, "default", stored)
     finally:
         memory.close()
+
+
+def test_the_ray_example_runs_on_the_tiny_model(tmp_path, cluster, capsys):
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "ray_cluster.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--model", "tiny", "--workers", "1", "--out", str(tmp_path)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert out.count(" done: ") >= 3 and "failed" not in out
+    for session in ("ana", "ben", "chloe"):
+        assert (tmp_path / "exports" / session / "adapter" / "adapter_model.safetensors").is_file()

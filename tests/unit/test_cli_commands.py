@@ -64,7 +64,7 @@ def test_absorb_show_sessions_recall_export_forget_round_trip(capsys, home, tmp_
     assert code == 0
     manifest = json.loads((tmp_path / "out" / "absorber-manifest.json").read_text())
     assert manifest["rank"] == 16 and manifest["absorbed_message_ids"] == [m["id"] for m in shown["messages"]]
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert len((tmp_path / "out" / "transcript.jsonl").read_text().splitlines()) == 4
 
     first = shown["messages"][0]["id"]

@@ -48,9 +48,9 @@ def test_export_writes_a_peft_folder_a_transcript_and_a_manifest(exported, token
     assert [x["id"] for x in lines] == [m.id for m in rows]
     assert [x["absorbed"] for x in lines] == [m.absorbed for m in rows]
     # the folder is what the memory serves, and PEFT loads it as it is
-    saved = load_file(folder / "adapter" / ADAPTER_WEIGHTS)
+    saved = load_file(folder / ADAPTER_WEIGHTS)
     assert saved.keys() == load_file(memory.adapter_path("ana") / ADAPTER_WEIGHTS).keys()
-    peft_model = PeftModel.from_pretrained(tiny_model(tokenizer, seed=0), folder / "adapter")
+    peft_model = PeftModel.from_pretrained(tiny_model(tokenizer, seed=0), folder)
     state = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     loaded = {k.replace(".default", ""): v for k, v in state.items()}
     assert set(loaded) == set(saved)
@@ -77,8 +77,25 @@ def test_export_refuses_bad_targets_and_changes_nothing(exported, tmp_path, make
     assert not list(tmp_path.glob(".*tmp-*"))  # no half-written folder left behind
 
 
+def test_export_for_a_vllm_resolver_names_the_served_model_and_can_leave_the_transcript_out(make_service, tmp_path):
+    memory = make_service()
+    for i in range(4):
+        memory.add_messages(turn(i), session_id="ana")
+    memory.flush()
+    folder = memory.export_adapter("ana", tmp_path / "loras" / "ana", base_model_name="org/served-base",
+                                   transcript=False)  # fmt: skip
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == "org/served-base" and config["peft_type"] == "LORA"
+    assert json.loads((folder / MANIFEST).read_text())["base_model"] == "org/served-base"
+    assert not (folder / "transcript.jsonl").exists()
+    for bad in ("", "  ", 3):
+        with pytest.raises(StorageError, match="base_model_name"):
+            memory.export_adapter("ana", tmp_path / "bad", base_model_name=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def adapter_config(folder):
-    return json.loads((folder / "adapter" / ADAPTER_CONFIG).read_text())
+    return json.loads((folder / ADAPTER_CONFIG).read_text())
 
 
 BAD_CONFIGS = [
@@ -121,11 +138,11 @@ def vllm_lora(monkeypatch):
 def test_vllm_loads_the_exported_adapter(exported, vllm_lora):
     LoRAConfig, LoRAModel, PEFTHelper = vllm_lora
     _, folder = exported
-    path = str(folder / "adapter")
+    path = str(folder)
     helper = PEFTHelper.from_local_dir(path, max_position_embeddings=2048)
     helper.validate_legal(LoRAConfig(max_lora_rank=16, max_loras=4))
     lora = LoRAModel.from_local_checkpoint(path, LLAMA_LINEAR, peft_helper=helper, device="cpu", dtype=torch.float32)
-    saved = load_file(folder / "adapter" / ADAPTER_WEIGHTS)
+    saved = load_file(folder / ADAPTER_WEIGHTS)
     assert len(lora.loras) == len(saved) // 2  # one (A, B) pair per adapted module
     for name, weights in lora.loras.items():
         assert weights.rank == helper.r and name.split(".")[-1] in LLAMA_LINEAR
@@ -140,3 +157,19 @@ def test_vllm_refuses_exactly_what_serving_problems_names(exported, vllm_lora, c
     with pytest.raises(ValueError):
         PEFTHelper.from_dict(config).validate_legal(LoRAConfig(max_lora_rank=16, max_loras=4))
     assert serving_problems(config, max_lora_rank=16)
+
+
+def test_vllms_filesystem_resolver_finds_an_exported_session(make_service, tmp_path, vllm_lora):
+    import asyncio
+
+    from vllm.plugins.lora_resolvers.filesystem_resolver import FilesystemResolver
+
+    memory = make_service()
+    for i in range(4):
+        memory.add_messages(turn(i), session_id="ana")
+    memory.flush()
+    memory.export_adapter("ana", tmp_path / "loras" / "ana-memory", base_model_name="org/served-base")
+    resolver = FilesystemResolver(str(tmp_path / "loras"))
+    request = asyncio.run(resolver.resolve_lora("org/served-base", "ana-memory"))
+    assert request is not None and request.lora_path == str(tmp_path / "loras" / "ana-memory")
+    assert asyncio.run(resolver.resolve_lora("another/base", "ana-memory")) is None
