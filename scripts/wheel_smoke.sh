@@ -40,6 +40,13 @@ for name in names:
 for name in absorber_memory.__all__:
     getattr(absorber_memory, name)
 assert "absorber_memory.bench" in names, names
+assert {"absorber_memory.ray_executor", "absorber_memory.export"} <= set(names), names
+try:  # [all] leaves Ray out: the executor says which extra brings it
+    absorber_memory.RayExecutor()
+except ImportError as exc:
+    assert "absorber-memory[ray]" in str(exc), exc
+else:
+    raise AssertionError("RayExecutor built without Ray installed")
 print(f"wheel: imported {len(names)} modules; absorber_memory.__all__ ({len(absorber_memory.__all__)} names) resolves")
 PYTHON
 "$work/venv/bin/absorber-memory" --help >/dev/null
