@@ -261,6 +261,8 @@ class RayExecutor:
     # --- the Executor protocol -----------------------------------------------------------------
     def run(self, spec: JobSpec, on_step: StepCallback) -> JobResult:
         """Ship `spec` and the previous adapter to an idle actor; write what comes back to `spec.output`."""
+        if self._closed:
+            raise AbsorberError("this RayExecutor is closed (its memory was closed); build a new one")
         if spec.model is None:
             raise AbsorberError(
                 "RayExecutor workers load their own base model: build AbsorberMemory from a model name or path"

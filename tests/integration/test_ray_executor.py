@@ -321,3 +321,15 @@ def test_the_ray_example_runs_on_the_tiny_model(tmp_path, cluster, capsys):
     assert out.count(" done: ") >= 3 and "failed" not in out
     for session in ("ana", "ben", "chloe"):
         assert (tmp_path / "exports" / session / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_closed_executor_refuses_jobs_clearly(cluster):
+    from absorber_memory import JobSpec
+
+    ex = RayExecutor(workers=1, cpus_per_worker=0.5)
+    ex.close()
+    assert ex.actors == []
+    spec = JobSpec(job_id=1, session_id="s", model="m", config={}, prefix=[], context=[], following=[],
+                   base_adapter=None, base_version=None, output="unused", version=1, round_index=0)  # fmt: skip
+    with pytest.raises(AbsorberError, match="closed"):
+        ex.run(spec, lambda step, loss: None)
