@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _info() -> int:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default=None, help="model name, Hugging Face id or path")
     demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps per absorption")
     demo.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
-    demo.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    demo.add_argument("--json", default=None, help="also write the figures to this JSON file (and a PNG beside it)")
     sub.add_parser("info", help="show data directory, device and default model file")
     from .bench.cli import add_parser
     from .chatcli import add_parser as add_chat_parser
@@ -93,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("device", args.device)) if v is not None}
     try:
-        result = run_demo(args.model, **overrides)
+        figure = None if args.json is None else Path(args.json).with_suffix(".png")
+        result = run_demo(args.model, figure=figure, **overrides)
     except AbsorberError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     return 0
