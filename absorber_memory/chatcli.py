@@ -156,7 +156,10 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     from .commands import open_memory
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    memory = open_memory(args)
+    window = {} if args.window_tokens is None else {"window_tokens": args.window_tokens}
+    if window:  # a smaller window absorbs sooner; a round takes at most what the window holds
+        window["absorb_tokens"] = min(256, args.window_tokens)
+    memory = open_memory(args, **window)
     try:
         if args.system:
             memory.set_prefix(args.session, args.system)
@@ -182,3 +185,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="model name, Hugging Face id or path")
     p.add_argument("--home", default=None, help="data directory (default: $ABSORBER_HOME)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the config's)")
+    p.add_argument(
+        "--window-tokens", type=int, default=None, help="recent turns kept in the prompt, in tokens (default 512)"
+    )

@@ -64,6 +64,25 @@ def test_chat_reports_a_bad_model_or_session_in_one_line(monkeypatch, capsys, tm
     assert len(err.strip().splitlines()) == 1 and "no such folder" in err
     assert main(["chat", "--home", str(tmp_path), "--model", "tiny", "--session", ""]) == 2
     assert "`session_id` must be 1-1024 characters" in capsys.readouterr().err
+    for bad in ("0", "-5"):
+        assert main(["chat", "--home", str(tmp_path), "--model", "tiny", "--window-tokens", bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "window_tokens" in err
+
+
+def test_chat_window_tokens_makes_absorption_start_sooner(monkeypatch, capsys, tmp_path):
+    lines = "".join(f"my fact number {i} is that I like the colour {i}\n" for i in range(4)) + "/flush\n/quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    argv = ["chat", "--home", str(tmp_path), "--model", "tiny", "--max-new-tokens", "4", "--window-tokens", "40"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    from absorber_memory.commands import open_memory
+
+    memory = open_memory(type("Args", (), {"home": str(tmp_path), "model": "tiny"})())
+    try:
+        assert any(m.absorbed for m in memory.transcript("default"))
+    finally:
+        memory.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a POSIX pseudo-terminal")
