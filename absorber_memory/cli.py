@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="absorber-memory", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log absorption details")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="absorb a scripted chat on the default model and report fidelity")
+    demo = sub.add_parser("demo", help="stream a chat through the memory, absorb it in the background, test recall")
     demo.add_argument("--model", default=None, help="model name, Hugging Face id or path")
     demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps per absorption")
     demo.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
