@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         for session, *_ in PEOPLE:
             folder = memory.export_adapter(session, root / "exports" / session)
-            print(f"{session}: adapter exported to {folder / 'adapter'}")
+            print(f"{session}: adapter exported to {folder} (a PEFT folder with its manifest)")
     print(f"done in {time.monotonic() - started:.0f} s; data and exports under {root}")
 
 

@@ -320,7 +320,7 @@ def test_the_ray_example_runs_on_the_tiny_model(tmp_path, cluster, capsys):
     out = capsys.readouterr().out
     assert out.count(" done: ") >= 3 and "failed" not in out
     for session in ("ana", "ben", "chloe"):
-        assert (tmp_path / "exports" / session / "adapter" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / "exports" / session / "adapter_model.safetensors").is_file()
 
 
 def test_a_closed_executor_refuses_jobs_clearly(cluster):
