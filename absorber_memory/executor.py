@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import queue
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,17 @@ from .layout import JOB_MARKER
 from .models import replica
 from .persistence import atomic_write_dir, write_json
 
-__all__ = ["JOB_MARKER", "Executor", "JobResult", "JobSpec", "LocalExecutor", "StepCallback", "build_engine", "run_job"]
+__all__ = [
+    "JOB_MARKER",
+    "Executor",
+    "JobResult",
+    "JobSpec",
+    "LocalExecutor",
+    "StepCallback",
+    "build_engine",
+    "run_job",
+    "write_result",
+]
 
 
 def build_engine(spec: JobSpec) -> AbsorptionEngine:
@@ -54,20 +65,25 @@ def run_job(engine: AbsorptionEngine, spec: JobSpec, on_step: StepCallback | Non
         round_index=spec.round_index,
         on_step=on_step,
     )
+    return write_result(spec, report.to_dict(), engine.save_adapter)
+
+
+def write_result(spec: JobSpec, report: dict[str, Any], save: Callable[[Path], None]) -> JobResult:
+    """Write a finished job's adapter (`save(folder)`) and its job marker to `spec.output`, atomically."""
     marker = {
         "job_id": spec.job_id,
         "session_id": spec.session_id,
         "version": spec.version,
         "base_version": spec.base_version,
-        "report": report.to_dict(),
+        "report": report,
     }
 
     def write(tmp: Path) -> None:
-        engine.save_adapter(tmp)
+        save(tmp)
         write_json(tmp / JOB_MARKER, marker)
 
     atomic_write_dir(Path(spec.output), write)
-    return JobResult(job_id=spec.job_id, output=spec.output, version=spec.version, report=report.to_dict())
+    return JobResult(job_id=spec.job_id, output=spec.output, version=spec.version, report=report)
 
 
 class LocalExecutor:

@@ -332,22 +332,9 @@ class RayExecutor:
             self._idle.put(self._new_actor())
 
     def _write(self, spec: JobSpec, files: dict[str, bytes], report: dict[str, Any]) -> JobResult:
-        from .persistence import atomic_write_dir, write_json
+        from .executor import write_result
 
-        marker = {
-            "job_id": spec.job_id,
-            "session_id": spec.session_id,
-            "version": spec.version,
-            "base_version": spec.base_version,
-            "report": report,
-        }
-
-        def write(tmp: Path) -> None:
-            unpack_folder(files, tmp)
-            write_json(tmp / JOB_MARKER, marker)
-
-        atomic_write_dir(Path(spec.output), write)
-        return JobResult(job_id=spec.job_id, output=spec.output, version=spec.version, report=report)
+        return write_result(spec, report, lambda folder: unpack_folder(files, folder))
 
     def close(self) -> None:
         """Kill the actors; shut Ray down if this executor started it."""
