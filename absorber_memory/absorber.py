@@ -5,8 +5,18 @@ first one; base + the memory so far when streaming) reads `[prefix; C; S]`
 once, without gradients; its hidden states at every layer, at the positions
 of S, are cached. Student: the adapter being trained reads `[prefix; S]`.
 AdamW on the adapter's LoRA weights minimises the distance between the two
-(see `losses.py`) until it falls under `loss_threshold` or `max_steps` is
-reached.
+(see `losses.py`) until it falls under `loss_threshold`, `max_steps` is
+reached, or (with `early_stopping_patience`) the same distance on held-out
+sync tokens has stopped falling.
+
+Early stopping: the caller may hold out the last messages of sync segments
+(the engine holds out a share of the probes). Their tokens are never
+trained on; causal attention means the trained tokens before them cannot
+see them either. Their loss is read off the same student forward as the
+step's (no extra cost) or, for a segment held out whole, from a forward
+without gradients. Training stops once that loss has not improved for
+`early_stopping_patience` steps, and the adapter goes back to its state at
+the best held-out loss.
 
 Positions (left open by the paper): the student reads S at its natural
 positions right after the prefix, exactly where the window sits at inference
@@ -48,7 +58,7 @@ class AbsorptionReport:
     steps: int
     initial_loss: float
     final_loss: float
-    stopped_by: str  # "threshold" or "max_steps"
+    stopped_by: str  # "threshold", "max_steps" or "early_stopping"
     context_tokens: int
     sync_tokens: int
     sync_segments: int
@@ -60,6 +70,11 @@ class AbsorptionReport:
     teacher: str = "frozen"
     #: Tokens the teacher read before S (C, plus earlier absorbed messages with a history teacher).
     teacher_context_tokens: int = 0
+    #: Sync tokens held out of training (not in `sync_tokens`); with early stopping, their loss at each step
+    #: and the step whose adapter was kept.
+    heldout_tokens: int = 0
+    heldout_curve: list[float] = field(default_factory=list)
+    best_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,9 +88,24 @@ class _Batch:
     student: list[list[int]]
     teacher_starts: list[int]
     student_starts: list[int]
-    lengths: list[int]
+    lengths: list[int]  # trained tokens of S per row
     lm_input: list[int]
     lm_start: int
+    held: list[int]  # held-out tokens after them per row (early stopping)
+
+
+@dataclass
+class _Targets:
+    """The teacher's states (and logits, with `logit_kl`) at the trained and at the held-out tokens of S."""
+
+    states: list[torch.Tensor]
+    logits: torch.Tensor | None
+    held_states: list[torch.Tensor]
+    held_logits: torch.Tensor | None
+
+
+#: Early stopping counts a held-out loss as improved only when it falls by more than this share.
+_MIN_IMPROVEMENT = 1e-3
 
 
 def _gather(states: tuple[torch.Tensor, ...], starts: list[int], lengths: list[int]) -> list[torch.Tensor]:
@@ -183,18 +213,25 @@ class Absorber:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _plan(self, prefix: list[Message], context: list[Message], segments: list[list[Message]]) -> _Batch:
+    def _plan(
+        self, prefix: list[Message], context: list[Message], segments: list[list[Message]], holdout: list[int]
+    ) -> _Batch:
         p = self.fmt.prefix_ids(prefix)
         c = self.fmt.encode_segments(context)
         s = [self.fmt.encode_segments(seg) for seg in segments]
+        held = [
+            sum(self.fmt.count(m) for m in seg[len(seg) - k :]) if k else 0
+            for seg, k in zip(segments, holdout, strict=True)
+        ]
         return _Batch(
             teacher=[p + c + si for si in s],
             student=[p + si for si in s],
             teacher_starts=[len(p) + len(c)] * len(s),
             student_starts=[len(p)] * len(s),
-            lengths=[len(si) for si in s],
+            lengths=[len(si) - h for si, h in zip(s, held, strict=True)],
             lm_input=p + c,
             lm_start=len(p),
+            held=held,
         )
 
     def _forward(self, seqs: list[list[int]], logits: bool = True) -> Any:
@@ -207,34 +244,100 @@ class Absorber:
         keep = {} if logits else {"logits_to_keep": 1}
         return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep)
 
-    def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> _Targets:
         """Cached teacher states (and logits, if `logit_kl` is used) at S, computed once."""
         want_logits = self.config.losses.get("logit_kl", 0) > 0
         adapter_off = self.model.disable_adapter() if base_teacher else contextlib.nullcontext()
         with torch.no_grad(), adapter_off:
             out = self._forward(batch.teacher, want_logits)
-        states = _gather(out.hidden_states[1:], batch.teacher_starts, batch.lengths)
-        logits = _gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None
-        return states, logits
+        held_starts = [s + n for s, n in zip(batch.teacher_starts, batch.lengths, strict=True)]
+        return _Targets(
+            states=_gather(out.hidden_states[1:], batch.teacher_starts, batch.lengths),
+            logits=_gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None,
+            held_states=_gather(out.hidden_states[1:], held_starts, batch.held),
+            held_logits=_gather((out.logits,), held_starts, batch.held)[0] if want_logits else None,
+        )
+
+    def _sync_loss(
+        self,
+        out: Any,
+        starts: list[int],
+        lengths: list[int],
+        states: list[torch.Tensor],
+        logits: torch.Tensor | None,
+        scales: dict[str, list[torch.Tensor]],
+        total: int,
+    ) -> torch.Tensor:
+        """The weighted sync loss of one student forward's spans `[start, start + length)` against `states`.
+
+        `scales` and `total` are those of the whole set the spans belong to, so parts add up (see `losses`).
+        """
+        student = _gather(out.hidden_states[1:], starts, lengths)
+        terms = {
+            kind: losses.hidden_sync_loss(student, states, kind, scales=sc, total_tokens=total)
+            for kind, sc in scales.items()
+        }
+        if logits is not None:
+            own = _gather((out.logits,), starts, lengths)[0]
+            terms["logit_kl"] = losses.logit_kl_loss(own, logits, total_tokens=total)
+        return losses.weighted_sum(terms, self.config.losses)
+
+    def _held_loss_part(
+        self, out: Any, batch: _Batch, group: list[int], targets: _Targets, scales: dict[str, list[torch.Tensor]]
+    ) -> float:
+        """This forward's share of the held-out loss (rows `group` as the forward's rows), without gradients."""
+        held = [batch.held[r] for r in group]
+        if not any(held):
+            return 0.0
+        with torch.no_grad():
+            part = self._sync_loss(
+                out,
+                [batch.student_starts[r] + batch.lengths[r] for r in group],
+                held,
+                [_rows(t, batch.held, group) for t in targets.held_states],
+                None if targets.held_logits is None else _rows(targets.held_logits, batch.held, group),
+                scales,
+                sum(batch.held),
+            )
+        return float(part)
+
+    def _held_scales(self, targets: _Targets) -> dict[str, list[torch.Tensor]]:
+        kinds = [k for k in ("l1", "mse") if self.config.losses.get(k, 0) > 0]
+        return {k: losses.layer_scales(targets.held_states, k) for k in kinds}
+
+    def _held_loss_rest(
+        self, batch: _Batch, rows: list[int], targets: _Targets, scales: dict[str, list[torch.Tensor]]
+    ) -> float:
+        """The held-out loss of `rows` that no training forward of this step read (forwards without gradients)."""
+        value = 0.0
+        widths = [len(seq) for seq in batch.student]
+        with torch.no_grad():
+            for group in micro_batches(widths, rows, self.config):
+                out = self._forward([batch.student[r] for r in group], targets.logits is not None)
+                value += self._held_loss_part(out, batch, group, targets, scales)
+        return value
 
     def _step(
         self,
         batch: _Batch,
-        targets: list[torch.Tensor] | None,
-        teacher_logits: torch.Tensor | None,
+        targets: _Targets | None,
         adapter: str,
         rows: list[int],
         backward: bool,
-    ) -> float:
+        held_scales: dict[str, list[torch.Tensor]] | None = None,
+    ) -> tuple[float, float, set[int]]:
         """The loss of one step on sync segments `rows`; with `backward`, its gradients are accumulated.
 
         The student reads the rows in length-sorted micro-batches of at most `micro_batch_tokens` padded
         tokens (see `micro_batches`), each followed by its own backward pass: the loss and gradients
         equal those of one padded batch (each part is scaled by its share of the step's tokens),
         without the padding of short segments to the longest or the memory of one large batch.
+
+        With `held_scales` (early stopping), also returns the held-out loss read off these forwards
+        and the rows it covers.
         """
         weights = self.config.losses
-        value = 0.0
+        value, held_value, held_rows = 0.0, 0.0, set()
 
         def add(part: torch.Tensor) -> None:
             nonlocal value
@@ -245,24 +348,23 @@ class Absorber:
         if targets is not None:
             total = sum(batch.lengths[r] for r in rows)
             kinds = [k for k in ("l1", "mse") if weights.get(k, 0) > 0]
-            step_targets = [_rows(t, batch.lengths, rows) for t in targets]
+            step_targets = [_rows(t, batch.lengths, rows) for t in targets.states]
             scales = {k: losses.layer_scales(step_targets, k) for k in kinds}
             for group in micro_batches([len(batch.student[r]) for r in range(len(batch.student))], rows, self.config):
-                lengths = [batch.lengths[r] for r in group]
-                out = self._forward([batch.student[r] for r in group], teacher_logits is not None)
-                student = _gather(out.hidden_states[1:], [batch.student_starts[r] for r in group], lengths)
-                wanted = [_rows(t, batch.lengths, group) for t in targets]
-                terms: dict[str, torch.Tensor] = {}
-                for kind in kinds:
-                    terms[kind] = losses.hidden_sync_loss(
-                        student, wanted, kind, scales=scales[kind], total_tokens=total
-                    )
-                if teacher_logits is not None:
-                    logits = _gather((out.logits,), [batch.student_starts[r] for r in group], lengths)[0]
-                    terms["logit_kl"] = losses.logit_kl_loss(
-                        logits, _rows(teacher_logits, batch.lengths, group), total_tokens=total
-                    )
-                add(losses.weighted_sum(terms, weights))
+                out = self._forward([batch.student[r] for r in group], targets.logits is not None)
+                loss = self._sync_loss(
+                    out,
+                    [batch.student_starts[r] for r in group],
+                    [batch.lengths[r] for r in group],
+                    [_rows(t, batch.lengths, group) for t in targets.states],
+                    None if targets.logits is None else _rows(targets.logits, batch.lengths, group),
+                    scales,
+                    total,
+                )
+                if held_scales is not None:
+                    held_value += self._held_loss_part(out, batch, group, targets, held_scales)
+                    held_rows.update(group)
+                add(loss)
         if weights.get("lm", 0) > 0:
             out = self._forward([batch.lm_input])
             start = max(batch.lm_start, 1)  # with no prefix, nothing predicts the first token
@@ -272,7 +374,7 @@ class Absorber:
         if self.config.update_penalty != "none":
             penalty = losses.lora_update_penalty(lora_factors(self.model, adapter), self.config.update_penalty)
             add(self.config.update_penalty_weight * penalty)
-        return value
+        return value, held_value, held_rows
 
     def train(
         self,
@@ -284,6 +386,7 @@ class Absorber:
         probes: int = 0,
         teacher_seconds: float = 0.0,
         on_step: Callable[[int, float], None] | None = None,
+        holdout: list[int] | None = None,
     ) -> AbsorptionReport:
         """Train the active adapter so `[prefix; S]` behaves like `[prefix; C; S]`.
 
@@ -295,35 +398,60 @@ class Absorber:
             probes: how many of `segments` are probes (for the report).
             teacher_seconds: time already spent on the teacher (probe answers), for the report.
             on_step: called as `on_step(step, loss)` after each loss; may raise to cancel.
+            holdout: per segment, how many of its last messages are held out of training to measure
+                the held-out loss for `early_stopping_patience` (None: none).
         """
         cfg = self.config
         adapter = self.model.active_adapter
         params = trainable_lora_parameters(self.model, adapter)
         if not segments and cfg.sync_losses():
             raise AbsorptionError("no sync text S: pass sync segments or set `probe_count` > 0")
+        holdout = list(holdout or [0] * len(segments))
+        if len(holdout) != len(segments) or any(
+            not 0 <= k <= len(seg) for k, seg in zip(holdout, segments, strict=False)
+        ):
+            raise ValueError(f"`holdout` needs one count per segment, each within it; got {holdout}")
         earlier_seconds = teacher_seconds
         start = time.perf_counter()
-        batch = self._plan(prefix, context, segments)
-        targets, teacher_logits = (None, None)
+        batch = self._plan(prefix, context, segments, holdout)
+        train_rows = [r for r, n in enumerate(batch.lengths) if n > 0]
+        if segments and cfg.sync_losses() and not train_rows:
+            raise AbsorptionError("every sync token is held out: nothing is left to train on")
+        targets = None
         if segments and cfg.sync_losses():
-            targets, teacher_logits = self._teacher_targets(batch, base_teacher)
+            targets = self._teacher_targets(batch, base_teacher)
         teacher_seconds += time.perf_counter() - start
 
+        held_rows = [r for r, n in enumerate(batch.held) if n > 0]
+        early = cfg.early_stopping_patience > 0 and targets is not None and bool(held_rows)
+        held_scales = self._held_scales(targets) if early and targets is not None else None
         snapshot = [p.detach().clone() for p in params]
+        best: tuple[float, int, list[torch.Tensor]] | None = None
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         curve: list[float] = []
+        held_curve: list[float] = []
         stopped_by = "max_steps"
-        next_rows = segment_schedule(len(segments), cfg.sync_batch_segments, cfg.seed)
+        schedule = segment_schedule(len(train_rows), cfg.sync_batch_segments, cfg.seed)
         bar = tqdm(total=cfg.max_steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
             for step in range(cfg.max_steps + 1):
                 optimizer.zero_grad(set_to_none=True)
-                value = self._step(batch, targets, teacher_logits, adapter, next_rows(), step < cfg.max_steps)
+                rows = [train_rows[i] for i in schedule()]
+                value, held, covered = self._step(batch, targets, adapter, rows, step < cfg.max_steps, held_scales)
                 if not math.isfinite(value):
                     raise AbsorptionError(f"loss became {value} at step {step}; adapter rolled back")
                 curve.append(value)
                 if on_step is not None:
                     on_step(step, value)
+                if held_scales is not None and targets is not None:
+                    rest = [r for r in held_rows if r not in covered]
+                    held += self._held_loss_rest(batch, rest, targets, held_scales) if rest else 0.0
+                    held_curve.append(held)
+                    if best is None or held < best[0] - _MIN_IMPROVEMENT * abs(best[0]):
+                        best = (held, step, [p.detach().clone() for p in params])
+                    elif step - best[1] >= cfg.early_stopping_patience:
+                        stopped_by = "early_stopping"
+                        break
                 if value < cfg.loss_threshold:
                     stopped_by = "threshold"
                     break
@@ -348,10 +476,16 @@ class Absorber:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
+        kept = len(curve) - 1
+        if best is not None and stopped_by != "threshold":
+            kept = best[1]
+            with torch.no_grad():
+                for p, saved in zip(params, best[2], strict=True):
+                    p.copy_(saved)
         return AbsorptionReport(
             steps=len(curve) - 1,
             initial_loss=curve[0],
-            final_loss=curve[-1],
+            final_loss=curve[kept],
             stopped_by=stopped_by,
             context_tokens=len(batch.lm_input) - batch.lm_start,
             sync_tokens=sum(batch.lengths),
@@ -360,4 +494,7 @@ class Absorber:
             seconds=earlier_seconds + time.perf_counter() - start,
             teacher_seconds=teacher_seconds,
             loss_curve=curve,
+            heldout_curve=held_curve,
+            heldout_tokens=sum(batch.held),
+            best_step=best[1] if best is not None else None,
         )

@@ -75,6 +75,19 @@ class AbsorberConfig(BaseModel):
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate on the LoRA weights.")
     max_steps: int = Field(30, ge=1, le=100_000, description="Most optimizer steps per absorption.")
     loss_threshold: float = Field(0.0, ge=0, description="Stop early once the loss is below this (0: never).")
+    early_stopping_patience: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Stop once the loss on held-out probes has not improved for this many steps, keeping the best "
+        "adapter seen (0: off, run `max_steps`). Needs probes (`probe_count` > 0).",
+    )
+    early_stopping_holdout: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="Share of each round's probes held out of training to measure that loss (at least one probe).",
+    )
     losses: dict[str, float] = Field(
         default_factory=lambda: {"l1": 1.0},
         description="Weighted loss mix; names: l1, mse (hidden-state sync), logit_kl, lm (TTT baseline).",

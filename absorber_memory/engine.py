@@ -166,10 +166,15 @@ class AbsorptionEngine:
             return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher)
 
         segments = list(segments or []) + recited
+        held = held_out_probes(self.config, len(prompts))
+        holdout = [0] * len(segments)
         if following:
             segments.append(chained_probe_segment(answer, prompts, following))
+            holdout.append(2 * held)  # the last probes' questions and answers, at the end of the chain
         else:
             segments += probe_segments(answer_all, prompts)
+            held = max(0, min(held, len(segments) - 1))  # whole probe segments, the last ones; one segment must train
+            holdout += [0] * (len(prompts) - held) + [2] * held
         report = self.absorber.train(
             prefix,
             read,
@@ -178,6 +183,7 @@ class AbsorptionEngine:
             probes=len(prompts),
             teacher_seconds=time.perf_counter() - start,
             on_step=on_step,
+            holdout=holdout,
         )
         report.teacher, report.teacher_context_tokens = kind, report.context_tokens
         report.context_tokens = len(self.fmt.encode_segments(context))
@@ -228,3 +234,10 @@ class AbsorptionEngine:
         with self.scope(base):
             new = generate_batch_ids(self.model, self.tokenizer, ids, max_new_tokens)
         return [self.tokenizer.decode(n, skip_special_tokens=True) for n in new]
+
+
+def held_out_probes(config: AbsorberConfig, probes: int) -> int:
+    """How many of a round's `probes` early stopping holds out of training (0 when it is off)."""
+    if config.early_stopping_patience == 0 or probes == 0:
+        return 0
+    return min(probes, max(1, round(config.early_stopping_holdout * probes)))

@@ -97,9 +97,9 @@ def test_update_penalty_is_added(make_memory):
 def test_first_teacher_is_the_frozen_model(make_memory):
     """With LoRA B = 0 the adapter is a no-op, so both teachers must agree exactly."""
     pm = make_memory()
-    batch = pm.engine.absorber._plan([], CONTEXT, [chat("hi", "hello")])
-    base, _ = pm.engine.absorber._teacher_targets(batch, base_teacher=True)
-    current, _ = pm.engine.absorber._teacher_targets(batch, base_teacher=False)
+    batch = pm.engine.absorber._plan([], CONTEXT, [chat("hi", "hello")], [0])
+    base = pm.engine.absorber._teacher_targets(batch, base_teacher=True).states
+    current = pm.engine.absorber._teacher_targets(batch, base_teacher=False).states
     assert all(torch.equal(a, b) for a, b in zip(base, current))
 
 
