@@ -14,7 +14,6 @@ it the share of the KL gap the adapter closes; then every answer, whole.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import textwrap
 import time
@@ -106,48 +105,35 @@ def _progress(memory: Any, session: str, total_steps: int) -> None:
         time.sleep(0.5)
 
 
-class _View:
-    """What the scoring helpers read: the session's prompt parts over the model with its adapter."""
-
-    def __init__(self, memory: Any, model: Any) -> None:
-        self.fmt, self.tokenizer, self.model = memory.fmt, memory.tokenizer, model
-
-    def adapter_disabled(self) -> Any:
-        return self.model.disable_adapter()
-
-
 def _evaluate(memory: Any, session: str) -> list[dict[str, Any]]:
     """Per question: the three answers, whether each states the fact, and KL to the full-context answer."""
     from .bench.data import Conversation
-    from .bench.methods import query_prompt, recall_hit, references
-    from .generation import generate_text
-    from .metrics import answer_logprobs, kl_sum
+    from .bench.methods import recall_hit, references, score_each
+    from .metrics import SessionView
 
-    rows = [m for m in memory.transcript(session) if m.role != "system"]
-    conv = Conversation(
-        "demo",
-        "scripted",
-        [m.as_chat() for m in rows if m.absorbed],
-        [m.as_chat() for m in rows if not m.absorbed],
-        [q for q, _, _ in QUESTIONS],
-        [k for _, k, _ in QUESTIONS],
-        prefix=memory.prefix(session),
-        cues=[c for _, _, c in QUESTIONS],
-    )
     with memory.adapted_model(session) as model:
-        view = _View(memory, model)
+        view = SessionView(memory, session, model)
+        conv = Conversation(
+            "demo",
+            "scripted",
+            view.absorbed_messages,
+            view.window,
+            [q for q, _, _ in QUESTIONS],
+            [k for _, k, _ in QUESTIONS],
+            prefix=view.prefix,
+            cues=[c for _, _, c in QUESTIONS],
+        )
         refs = references(view, conv, ANSWER_TOKENS)
         out: list[dict[str, Any]] = [
             {"question": r.query, "full": (QUESTIONS[i][2] + " " + r.answer).strip()} for i, r in enumerate(refs)
         ]
         for name, adapter in (("absorbed", True), ("dropped", False)):
-            with contextlib.nullcontext() if adapter else model.disable_adapter():
-                for i, ref in enumerate(refs):
-                    prompt = query_prompt(view, conv, conv.prefix, conv.window, i)
-                    kl = kl_sum(ref.logprobs, answer_logprobs(model, prompt, ref.target)) / max(1, len(ref.target))
-                    answer = generate_text(model, memory.tokenizer, prompt, ANSWER_TOKENS)
-                    out[i][name] = (QUESTIONS[i][2] + " " + answer).strip()
-                    out[i][f"kl_{name}"] = kl
+            scored = score_each(
+                view, conv, refs, conv.prefix, with_context=False, adapter=adapter, max_new_tokens=ANSWER_TOKENS
+            )
+            for i, (row, got) in enumerate(zip(out, scored, strict=True)):
+                row[name] = (QUESTIONS[i][2] + " " + got["answer"]).strip()
+                row[f"kl_{name}"] = got["kl_sum"] / max(1, got["tokens"])
     for i, row in enumerate(out):
         for name in ("full", "absorbed", "dropped"):
             row[f"{name}_correct"] = recall_hit(row[name][len(QUESTIONS[i][2]) :], QUESTIONS[i][1])

@@ -142,7 +142,7 @@ def _no_gap(context: list[Message]) -> str:
     return "dropping the absorbed messages did not change the reference answers' token distributions"
 
 
-class _SessionView:
+class SessionView:
     """What `fidelity` reads from a `ParametricMemory`, for one `AbsorberMemory` session."""
 
     def __init__(self, memory: Any, session_id: str, model: Any) -> None:
@@ -169,4 +169,4 @@ def session_fidelity(
     that none is pending. Keyword arguments are those of `fidelity`.
     """
     with memory.adapted_model(session_id) as model:
-        return fidelity(_SessionView(memory, session_id, model), queries, **kwargs)
+        return fidelity(SessionView(memory, session_id, model), queries, **kwargs)

@@ -98,6 +98,37 @@ def recall_hit(answer: str, keywords: list[str]) -> bool:
     return any(k.lower() in answer.lower() for k in keywords)
 
 
+def score_each(
+    pm: Any,
+    conv: Conversation,
+    refs: list[Reference],
+    prefix: list[dict[str, str]],
+    *,
+    with_context: bool,
+    adapter: bool,
+    max_new_tokens: int,
+) -> list[dict[str, Any]]:
+    """Per query: KL(full || this setting) summed over its answer tokens, the token count, the answer, the hit.
+
+    `hit` is None for a query without keywords.
+    """
+    rows = []
+    extra = conv.context if with_context else []
+    with contextlib.nullcontext() if adapter else pm.adapter_disabled():
+        for i, ref in enumerate(refs):
+            prompt = query_prompt(pm, conv, prefix, extra + conv.window, i)
+            answer = generate_text(pm.model, pm.tokenizer, prompt, max_new_tokens)
+            rows.append(
+                {
+                    "kl_sum": kl_sum(ref.logprobs, answer_logprobs(pm.model, prompt, ref.target)),
+                    "tokens": len(ref.target),
+                    "answer": answer,
+                    "hit": recall_hit(answer, ref.keywords) if ref.keywords else None,
+                }
+            )
+    return rows
+
+
 def score(
     pm: Any,
     conv: Conversation,
@@ -109,19 +140,17 @@ def score(
     max_new_tokens: int,
 ) -> dict[str, Any]:
     """KL(full || this setting) pooled over answer tokens, keyword recall, and the answers."""
-    kl, tokens, hits, scored, answers = 0.0, 0, 0, 0, []
-    extra = conv.context if with_context else []
-    with contextlib.nullcontext() if adapter else pm.adapter_disabled():
-        for i, ref in enumerate(refs):
-            prompt = query_prompt(pm, conv, prefix, extra + conv.window, i)
-            kl += kl_sum(ref.logprobs, answer_logprobs(pm.model, prompt, ref.target))
-            tokens += len(ref.target)
-            answer = generate_text(pm.model, pm.tokenizer, prompt, max_new_tokens)
-            answers.append(answer)
-            if ref.keywords:
-                scored += 1
-                hits += recall_hit(answer, ref.keywords)
-    return {"kl_sum": kl, "tokens": tokens, "hits": hits, "scored": scored, "answers": answers}
+    rows = score_each(pm, conv, refs, prefix, with_context=with_context, adapter=adapter, max_new_tokens=max_new_tokens)
+    hits = [r["hit"] for r in rows if r["hit"] is not None]
+    return {
+        "kl_sum": sum(r["kl_sum"] for r in rows),
+        "tokens": sum(r["tokens"] for r in rows),
+        "hits": sum(hits),
+        "scored": len(hits),
+        "answers": [r["answer"] for r in rows],
+        "kl_list": [r["kl_sum"] for r in rows],
+        "token_list": [r["tokens"] for r in rows],
+    }
 
 
 def run_method(

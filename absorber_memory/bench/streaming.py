@@ -124,6 +124,8 @@ _JOB_FIELDS = (
     "seconds",
     "teacher_seconds",
     "final_loss",
+    "stopped_by",
+    "heldout_tokens",
 )
 
 
@@ -256,6 +258,21 @@ def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params:
         return sum(r["kl_sum"] for r in rs) / max(1, sum(r["tokens"] for r in rs))
 
     base = kl(raw["truncation"])
+    # The same KL on only the questions the full-context model answers correctly: where it is a reference worth
+    # matching (elsewhere a method that states the fact the reference misses is counted as far from it).
+    right = [r["hit_list"] for r in raw["full"]]
+
+    def kl_right(rs: list[dict[str, Any]]) -> float | None:
+        pairs = [
+            (k, n)
+            for r, hits in zip(rs, right, strict=True)
+            for k, n, hit in zip(r.get("kl_list", []), r.get("token_list", []), hits, strict=False)
+            if hit
+        ]
+        return sum(k for k, _ in pairs) / max(1, sum(n for _, n in pairs)) if pairs else None
+
+    base_right = kl_right(raw["truncation"])
+    per_chat_base = {r["chat"]: r["kl_sum"] / max(1, r["tokens"]) for r in raw["truncation"]}
     teacher_right = [h for r in raw["full"] for h in r["hit_list"]]
     rows = []
     for name, rs in raw.items():
@@ -265,12 +282,22 @@ def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params:
         seconds = sum(r.get("seconds", 0.0) for r in rs)
         jobs = [j for r in rs for j in r.get("jobs", [])]
         train = sum(j["seconds"] - j["teacher_seconds"] for j in jobs)
-        step_tokens = sum(j["steps"] * j["sync_tokens"] for j in jobs)
+        # Held-out sync tokens ride in the same forwards (and backwards), so they count as work done.
+        step_tokens = sum(j["steps"] * (j["sync_tokens"] + (j.get("heldout_tokens") or 0)) for j in jobs)
+        per_chat = [
+            1.0 - (r["kl_sum"] / max(1, r["tokens"])) / per_chat_base[r["chat"]]
+            if per_chat_base.get(r["chat"])
+            else None
+            for r in rs
+        ]
         rows.append(
             {
                 "method": name,
                 "kl": kl(rs),
                 "gap_closed": 1.0 - kl(rs) / base if base > 0 else None,
+                "gap_where_full_right": (
+                    1.0 - (kl_right(rs) or 0.0) / base_right if base_right and kl_right(rs) is not None else None
+                ),
                 "recall": sum(hits) / max(1, len(hits)),
                 "relative_recall": both / sum(teacher_right) if sum(teacher_right) else None,
                 "seconds": seconds,
@@ -279,6 +306,8 @@ def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params:
                 "x_prefill_4k": seconds / absorbed / prefill_4k if absorbed else None,
                 "train_gflops": 4 * params * step_tokens / train / 1e9 if train > 0 else None,
                 "teachers": ",".join(sorted({str(j.get("teacher")) for j in jobs})) or None,
+                "gap_per_session": " / ".join("-" if g is None else f"{g:.2f}" for g in per_chat),
+                "steps_per_round": sum(j["steps"] for j in jobs) / len(jobs) if jobs else None,
             }
         )
     return rows

@@ -40,6 +40,11 @@ def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
     )
     for name in ("one-shot", "stream-history", "stream-chained"):
         assert rows[name]["absorbed_tokens"] > 0 and rows[name]["x_prefill_4k"] > 0
+        assert rows[name]["steps_per_round"] > 0
+    sessions = len(data["chats"])
+    assert rows["truncation"]["gap_per_session"] == " / ".join(["0.00"] * sessions)
+    if sessions == 1:  # one session: its gap is the pooled one
+        assert float(rows["one-shot"]["gap_per_session"]) == pytest.approx(rows["one-shot"]["gap_closed"], abs=0.006)
     assert data["prefill_s_per_token_4k"] > 0 and data["matmul_peak_gflops"] > 0
     assert data["settings"]["split"] == "test" and (tmp_path / "streaming.png").exists()
     summary = data["raw"]["summary"][0]["summary"]
@@ -167,3 +172,23 @@ def test_bad_streaming_variants_are_refused(tmp_path, spec):
         main(["bench", "streaming", "--quick", "--model", "tiny", "--out", str(tmp_path), "--variant", "v",
               "sync_recitation=sometimes"])
     assert not (tmp_path / "streaming.json").exists()  # refused before anything ran
+
+
+def test_pooled_rows_split_the_gap_by_session_and_by_where_the_reference_is_right():
+    from absorber_memory.bench.streaming import pooled_rows
+
+    def result(chat, kls, hits):
+        return {"chat": chat, "kl_sum": sum(kls), "tokens": 2 * len(kls), "hit_list": hits,
+                "kl_list": kls, "token_list": [2] * len(kls)}  # fmt: skip
+
+    raw = {
+        "full": [result("a", [0.0, 0.0], [True, False]), result("b", [0.0, 0.0], [False, True])],
+        "truncation": [result("a", [2.0, 2.0], [False, False]), result("b", [4.0, 4.0], [False, False])],
+        "x": [result("a", [1.0, 3.0], [True, True]), result("b", [1.0, 8.0], [False, False])],
+    }
+    rows = {r["method"]: r for r in pooled_rows(raw, prefill_4k=0.001, params=1)}
+    x = rows["x"]
+    assert x["gap_closed"] == pytest.approx(1 - 13 / 12)  # pooled over all 8 answer tokens
+    assert x["gap_per_session"] == "0.00 / -0.12"  # a: 4 vs 4; b: 9 vs 8
+    assert x["gap_where_full_right"] == pytest.approx(1 - (1.0 + 8.0) / (2.0 + 4.0))  # a's first, b's second
+    assert x["relative_recall"] == pytest.approx(0.5) and rows["full"]["gap_where_full_right"] == 1.0
