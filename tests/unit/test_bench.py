@@ -49,6 +49,18 @@ def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
     assert data["settings"]["split"] == "test" and (tmp_path / "streaming.png").exists()
     summary = data["raw"]["summary"][0]["summary"]
     assert isinstance(summary, str)
+    # The trade-off script reads these results: one point per absorbing row, cheapest first.
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tradeoff_curve.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "streaming.json"), "--out", str(tmp_path / "curve.png")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = [line.split(" | ")[0].strip("| ") for line in done.stdout.splitlines()[2:] if line.startswith("| ")]
+    assert sorted(listed) == ["one-shot", "stream-chained", "stream-history"] and (tmp_path / "curve.png").exists()
 
 
 def test_streaming_dev_and_test_sessions_never_overlap():
