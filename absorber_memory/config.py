@@ -80,7 +80,8 @@ class AbsorberConfig(BaseModel):
         ge=0,
         le=100_000,
         description="Stop once the loss on held-out probes has not improved for this many steps, keeping the best "
-        "adapter seen (0: off, run `max_steps`). Needs probes (`probe_count` > 0).",
+        "adapter seen (0: off, run `max_steps`). Needs probes (`probe_count` > 0). Use 5 or more: AdamW's first "
+        "step raises that loss before it falls.",
     )
     early_stopping_holdout: float = Field(
         0.25,
