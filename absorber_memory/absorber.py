@@ -301,9 +301,10 @@ class Absorber:
             )
         return float(part)
 
-    def _held_scales(self, targets: _Targets) -> dict[str, list[torch.Tensor]]:
+    def _hidden_scales(self, states: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Per hidden-state loss in use (l1, mse), the `layer_scales` of this set of teacher states."""
         kinds = [k for k in ("l1", "mse") if self.config.losses.get(k, 0) > 0]
-        return {k: losses.layer_scales(targets.held_states, k) for k in kinds}
+        return {k: losses.layer_scales(states, k) for k in kinds}
 
     def _held_loss_rest(
         self, batch: _Batch, rows: list[int], targets: _Targets, scales: dict[str, list[torch.Tensor]]
@@ -347,9 +348,7 @@ class Absorber:
 
         if targets is not None:
             total = sum(batch.lengths[r] for r in rows)
-            kinds = [k for k in ("l1", "mse") if weights.get(k, 0) > 0]
-            step_targets = [_rows(t, batch.lengths, rows) for t in targets.states]
-            scales = {k: losses.layer_scales(step_targets, k) for k in kinds}
+            scales = self._hidden_scales([_rows(t, batch.lengths, rows) for t in targets.states])
             for group in micro_batches([len(batch.student[r]) for r in range(len(batch.student))], rows, self.config):
                 out = self._forward([batch.student[r] for r in group], targets.logits is not None)
                 loss = self._sync_loss(
@@ -423,8 +422,9 @@ class Absorber:
         teacher_seconds += time.perf_counter() - start
 
         held_rows = [r for r, n in enumerate(batch.held) if n > 0]
-        early = cfg.early_stopping_patience > 0 and targets is not None and bool(held_rows)
-        held_scales = self._held_scales(targets) if early and targets is not None else None
+        held_scales = None  # set when early stopping is on: the held-out loss is measured at every step
+        if cfg.early_stopping_patience > 0 and targets is not None and held_rows:
+            held_scales = self._hidden_scales(targets.held_states)
         snapshot = [p.detach().clone() for p in params]
         best: tuple[float, int, list[torch.Tensor]] | None = None
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -272,7 +272,7 @@ def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params:
         return sum(k for k, _ in pairs) / max(1, sum(n for _, n in pairs)) if pairs else None
 
     base_right = kl_right(raw["truncation"])
-    per_chat_base = {r["chat"]: r["kl_sum"] / max(1, r["tokens"]) for r in raw["truncation"]}
+    per_chat_base = {r["chat"]: kl([r]) for r in raw["truncation"]}
     teacher_right = [h for r in raw["full"] for h in r["hit_list"]]
     rows = []
     for name, rs in raw.items():
@@ -284,20 +284,14 @@ def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params:
         train = sum(j["seconds"] - j["teacher_seconds"] for j in jobs)
         # Held-out sync tokens ride in the same forwards (and backwards), so they count as work done.
         step_tokens = sum(j["steps"] * (j["sync_tokens"] + (j.get("heldout_tokens") or 0)) for j in jobs)
-        per_chat = [
-            1.0 - (r["kl_sum"] / max(1, r["tokens"])) / per_chat_base[r["chat"]]
-            if per_chat_base.get(r["chat"])
-            else None
-            for r in rs
-        ]
+        per_chat = [1.0 - kl([r]) / per_chat_base[r["chat"]] if per_chat_base.get(r["chat"]) else None for r in rs]
+        right_kl = kl_right(rs)
         rows.append(
             {
                 "method": name,
                 "kl": kl(rs),
                 "gap_closed": 1.0 - kl(rs) / base if base > 0 else None,
-                "gap_where_full_right": (
-                    1.0 - (kl_right(rs) or 0.0) / base_right if base_right and kl_right(rs) is not None else None
-                ),
+                "gap_where_full_right": 1.0 - right_kl / base_right if base_right and right_kl is not None else None,
                 "recall": sum(hits) / max(1, len(hits)),
                 "relative_recall": both / sum(teacher_right) if sum(teacher_right) else None,
                 "seconds": seconds,
