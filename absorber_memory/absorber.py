@@ -75,6 +75,8 @@ class AbsorptionReport:
     heldout_tokens: int = 0
     heldout_curve: list[float] = field(default_factory=list)
     best_step: int | None = None
+    #: "round" (absorbs C) or "consolidation" (re-teaches everything absorbed so far; absorbs nothing new).
+    kind: str = "round"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -136,6 +136,14 @@ class AbsorberConfig(BaseModel):
     absorb_tokens: int = Field(256, gt=0, description="About how many of the oldest tokens to absorb per round (n).")
     sync_tokens: int = Field(256, ge=0, description="Most tokens of following turns used as sync text S (m).")
     auto_absorb: bool = Field(True, description="Absorb as soon as the window overflows when messages are added.")
+    consolidate_when_idle: float | None = Field(
+        None,
+        ge=0,
+        le=86_400,
+        description="AbsorberMemory: seconds a session must stay idle after an absorption round (no new round "
+        "queued or committed) before one consolidation round re-teaches its adapter everything absorbed so far "
+        "(`AbsorberMemory.consolidate`); 0 = as soon as its queue is empty, None = never.",
+    )
 
     # --- generation ------------------------------------------------------------
     max_new_tokens: int = Field(128, gt=0, description="Default answer length for `generate`.")

@@ -24,12 +24,13 @@ from typing import Any
 
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
-from .errors import ConfigError, InvalidMessageError, JobCancelled
+from .errors import ConfigError, InvalidMessageError, InvalidSessionError, JobCancelled
 from .jobs import PENDING, Executor, JobInfo, JobResult, JobSpec, JobStatus
 from .layout import SessionLayout
+from .probes import recitation_tokens
 from .queue import AbsorptionQueue, JobHandle
-from .store import JobRow, Store
-from .stream import plan_absorption
+from .store import JobRow, Store, StoredMessage
+from .stream import leading_fit, plan_absorption, teacher_tokens
 
 log = logging.getLogger("absorber_memory.sessions")
 
@@ -44,6 +45,7 @@ class JobCoordinator:
         fmt: the chat format, to count each message's tokens.
         model_name: the base model's name or path, for workers that load their own copy.
         lock: the owner's lock: planning and committing never interleave with its writes.
+        limit: most tokens a prompt may hold (whether a consolidation's teacher can read the history).
     """
 
     def __init__(
@@ -54,12 +56,15 @@ class JobCoordinator:
         fmt: ChatFormat,
         model_name: str | None,
         lock: threading.RLock,
+        limit: int | None = None,
     ) -> None:
         self.store, self.layout, self.config, self.fmt = store, layout, config, fmt
         self.model_name = model_name
         self.lock = lock
+        self.limit = limit
         self.queue: AbsorptionQueue | None = None
         self._specs: dict[int, JobSpec] = {}
+        self._idle: dict[str, threading.Timer] = {}  # session -> timer that consolidates it when it stays idle
 
     def start(self, executor: Executor, workers: int) -> AbsorptionQueue:
         """Start the queue's workers, resubmit stored pending jobs, and (with `auto_absorb`) plan every session.
@@ -120,6 +125,97 @@ class JobCoordinator:
             log.info("session %r: queued absorption jobs %s", session_id, job_ids)
             return [self._queue().submit(j, session_id) for j in job_ids]
 
+    # --- consolidation ---------------------------------------------------------------------------
+    def consolidate(self, session_id: str, *, quiet: bool = False) -> JobHandle | None:
+        """Queue a consolidation of the session: one round that re-teaches everything absorbed.
+
+        The frozen model reading every absorbed message teaches (probe answers included), the student
+        continues from the committed adapter, and S starts with the window's oldest turns (up to
+        `sync_tokens`); no message is absorbed, so the window does not change. It spends spare compute
+        where streaming loses fidelity: rounds stop undertrained, and chained rounds forget early ones.
+        Stored as a job with no messages (`JobRow.consolidation`), so it survives restarts like any job.
+
+        Returns the pending consolidation's handle (an already queued one is reused), or None when nothing
+        is absorbed yet. Raises `ConfigError` when the absorbed history does not fit the model's context,
+        or returns None then with `quiet` (the idle path).
+        """
+        with self.lock:
+            if self.store.session(session_id) is None:
+                raise InvalidSessionError(f"unknown session {session_id!r}")
+            pending = self.store.jobs(session_id, PENDING)
+            queued = [j for j in pending if j.consolidation and j.status == JobStatus.QUEUED]
+            if queued:
+                return self._queue().handle(queued[-1].id) or self._queue().submit(queued[-1].id, session_id)
+            stored = self.store.messages(session_id)
+            history = [m.as_chat() for m in stored if m.absorbed and m.role != "system"]
+            if not history:
+                return None
+            if (problem := self._too_long(stored, history)) is not None:
+                if quiet:
+                    log.info("session %r: not consolidated: %s", session_id, problem)
+                    return None
+                raise ConfigError(f"cannot consolidate session {session_id!r}: {problem}")
+            (job_id,) = self.store.insert_jobs(session_id, [([], [])])
+            log.info("session %r: queued consolidation job %d", session_id, job_id)
+            return self._queue().submit(job_id, session_id)
+
+    def _too_long(self, stored: list[StoredMessage], history: list[Message]) -> str | None:
+        """Why a teacher cannot read the whole absorbed `history` with its probes (None: it can)."""
+        if self.limit is None:
+            return None
+        cfg = self.config
+        window = [m.as_chat() for m in stored if not m.absorbed and m.role != "system"]
+        following = window[: leading_fit([self.fmt.count(m) for m in window], cfg.sync_tokens)]
+        history_tokens = sum(self.fmt.count(m) for m in history)
+        needed = teacher_tokens(
+            len(self.fmt.prefix_ids([m.as_chat() for m in stored if m.role == "system"])),
+            history_tokens + sum(self.fmt.count(m) for m in following),
+            cfg.probe_count,
+            cfg.probe_max_new_tokens,
+            recitation_tokens(self.fmt.count, history, cfg.sync_recitation),
+        )
+        if needed <= self.limit:
+            return None
+        return (
+            f"the absorbed history ({history_tokens} tokens) with its sync text needs {needed} tokens, "
+            f"more than the model's context ({self.limit} tokens)"
+        )
+
+    def _after_round(self, session_id: str, version: int) -> None:
+        """With `consolidate_when_idle`, consolidate the session once it has stayed idle that long after a round."""
+        delay = self.config.consolidate_when_idle
+        if delay is None:
+            return
+        if (old := self._idle.pop(session_id, None)) is not None:
+            old.cancel()
+        if delay == 0:
+            self._consolidate_if_idle(session_id, version)
+            return
+        timer = threading.Timer(delay, self._consolidate_if_idle, (session_id, version))
+        timer.daemon = True
+        self._idle[session_id] = timer
+        timer.start()
+
+    def _consolidate_if_idle(self, session_id: str, version: int) -> None:
+        """Consolidate unless the session changed since round `version` committed or has work pending."""
+        with self.lock:
+            if self.queue is None or self.queue.closed:
+                return
+            session = self.store.session(session_id)
+            if session is None or session.adapter_version != version or self.store.jobs(session_id, PENDING):
+                return
+            try:
+                self.consolidate(session_id, quiet=True)
+            except Exception as exc:  # a timer thread must not die loudly; the session keeps its adapter
+                log.warning("session %r: consolidation not queued: %s", session_id, exc)
+
+    def close(self) -> None:
+        """Stop the idle timers (call before closing the queue)."""
+        with self.lock:
+            timers, self._idle = list(self._idle.values()), {}
+        for timer in timers:
+            timer.cancel()
+
     def committed(self, session_id: str) -> tuple[int, Path] | None:
         """The session's committed adapter `(version, folder)`, or None before any absorption."""
         row = self.store.session(session_id)
@@ -144,6 +240,8 @@ class JobCoordinator:
     # --- forgetting ------------------------------------------------------------------------------
     def forget_session(self, session_id: str) -> bool:
         """Cancel the session's jobs, then delete its rows and folders; returns whether it existed."""
+        if (timer := self._idle.pop(session_id, None)) is not None:
+            timer.cancel()
         self._queue().cancel_session(session_id, "session forgotten")
         with self.lock:
             existed = self.store.delete_session(session_id)
@@ -175,24 +273,36 @@ class JobCoordinator:
             msgs = self.store.messages_by_id(wanted)
             if len(msgs) < len(set(wanted)) or any(msgs[i].absorbed for i in job.context_ids):
                 raise JobCancelled(f"job {job_id}: its messages were forgotten or absorbed meanwhile")
+            stored = self.store.messages(job.session_id)  # system messages are never absorbed: the prefix
+            absorbed = [m.as_chat() for m in stored if m.absorbed and m.role != "system"]
+            if job.consolidation and not absorbed:
+                raise JobCancelled(f"job {job_id}: nothing absorbed to consolidate (its messages were forgotten)")
             claimed = self.store.claim_job(job_id)
             if claimed is None:
                 raise JobCancelled(f"job {job_id} was deleted before it started")
             job, session, version = claimed
             base = session.adapter_version
-            stored = self.store.messages(job.session_id)  # system messages are never absorbed: the prefix
             prefix: list[Message] = [m.as_chat() for m in stored if m.role == "system"]
-            wants_history = base is not None and self.config.streaming_teacher == "history"
-            history = [m.as_chat() for m in stored if m.absorbed and m.role != "system"] if wants_history else []
+            if job.consolidation:  # everything absorbed is C again, S starts with the window's oldest turns
+                window = [m.as_chat() for m in stored if not m.absorbed and m.role != "system"]
+                context = absorbed
+                following = window[: leading_fit([self.fmt.count(m) for m in window], self.config.sync_tokens)]
+                history: list[Message] = []
+            else:
+                context = [msgs[i].as_chat() for i in job.context_ids]
+                following = [msgs[i].as_chat() for i in job.following_ids]
+                wants_history = base is not None and self.config.streaming_teacher == "history"
+                history = absorbed if wants_history else []
             spec = JobSpec(
                 job_id=job_id,
                 session_id=job.session_id,
                 model=self.model_name,
                 config=self.config.model_dump(mode="json"),
                 prefix=prefix,
-                context=[msgs[i].as_chat() for i in job.context_ids],
-                following=[msgs[i].as_chat() for i in job.following_ids],
+                context=context,
+                following=following,
                 history=history,
+                consolidation=job.consolidation,
                 base_adapter=None if base is None else str(self.layout.adapter_dir(job.session_id, base)),
                 base_version=base,
                 output=str(self.layout.adapter_dir(job.session_id, version)),
@@ -216,6 +326,8 @@ class JobCoordinator:
                 self.layout.remove_version(spec.session_id, result.version)
                 raise JobCancelled(f"job {job_id}: its session changed while it ran; result discarded")
             commit_version(self.store, self.layout, job, result.version, result.report, spec.base_version)
+            if not job.consolidation:
+                self._after_round(spec.session_id, result.version)
 
     def finish(self, job_id: int, status: JobStatus, error: str) -> None:
         """Record a job that did not commit: interrupted by `close` (back to queued), failed or cancelled."""
@@ -230,6 +342,10 @@ class JobCoordinator:
                 self.store.requeue_job(job_id)
                 return
             self.store.end_job(job_id, status, error)
+        if job.consolidation:  # it absorbs nothing, so the rounds queued after it still apply
+            if status == JobStatus.FAILED:
+                log.warning("session %r: consolidation job %d failed (%s)", job.session_id, job_id, error)
+            return
         if status == JobStatus.FAILED:
             log.warning(
                 "session %r: job %d failed (%s); its messages stay in the window", job.session_id, job_id, error
@@ -268,6 +384,7 @@ class JobCoordinator:
             loss=loss,
             adapter_version=row.adapter_version,
             metrics=row.metrics or {},
+            kind="consolidation" if row.consolidation else "round",
         )
 
 

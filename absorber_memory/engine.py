@@ -25,12 +25,13 @@ import torch
 from .absorber import Absorber, AbsorptionReport
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig, as_config, lora_config
-from .errors import ConfigError
+from .errors import ConfigError, InvalidMessageError
 from .generation import generate_batch_ids, generate_text
 from .jobs import StepCallback
 from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit, quiet_transformers
 from .persistence import load_adapter_weights, save_adapter
-from .probes import chained_probe_segment, pick_probes, probe_segments, recitation_segments
+from .probes import chained_probe_segment, pick_probes, probe_segments, recitation_segments, recitation_tokens
+from .stream import teacher_tokens
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class AbsorptionEngine:
         max_new = self.config.probe_max_new_tokens
         kind, read = ("frozen" if base_teacher else "chained"), context
         recited = recitation_segments(context, self.config.sync_recitation, following)
-        quoted = sum(self.fmt.count(m) for pair in recitation_segments(context, "each") for m in pair) if recited else 0
+        quoted = recitation_tokens(self.fmt.count, context, self.config.sync_recitation)
         if (
             history
             and not base_teacher
@@ -210,8 +211,60 @@ class AbsorptionEngine:
         Each probe is allowed 32 tokens for its question plus `probe_max_new_tokens` for its answer;
         `extra_tokens` (e.g. recited turns) are counted on top, as if all sat in one segment.
         """
-        used = len(self.fmt.prefix_ids(prefix)) + sum(self.fmt.count(m) for m in teacher_context + (following or []))
-        return used + probes * (32 + self.config.probe_max_new_tokens) + extra_tokens <= self.limit
+        needed = teacher_tokens(
+            len(self.fmt.prefix_ids(prefix)),
+            sum(self.fmt.count(m) for m in teacher_context + (following or [])),
+            probes,
+            self.config.probe_max_new_tokens,
+            extra_tokens,
+        )
+        return needed <= self.limit
+
+    def consolidate(
+        self,
+        prefix: list[Message],
+        history: list[Message],
+        following: list[Message] | None = None,
+        *,
+        round_index: int = 0,
+        on_step: StepCallback | None = None,
+    ) -> AbsorptionReport:
+        """Re-teach the current adapter everything absorbed so far, in one round; nothing new is absorbed.
+
+        The frozen model reading `[prefix; history; following; probes]` teaches (its probe answers included),
+        and the student continues from the current adapter reading `[prefix; following; probes]`: one more
+        round of the history teacher, with no new chunk, for idle time (streaming rounds stop undertrained).
+
+        Args:
+            prefix: system message(s).
+            history: every message absorbed so far, oldest first.
+            following: the turns after them still in the window (the start of S), or None.
+        Raises:
+            ConfigError: `[prefix; history; following; probes]` does not fit the model's context, so no
+                teacher can read all of it (the adapter is untouched).
+            InvalidMessageError: `history` is empty.
+        """
+        if not history:
+            raise InvalidMessageError("nothing has been absorbed yet: there is no history to consolidate")
+        probes = len(pick_probes(self.config.probe_prompts, self.config.probe_count, round_index))
+        quoted = recitation_tokens(self.fmt.count, history, self.config.sync_recitation)
+        if not self.history_fits(prefix, history, following, probes, quoted):
+            tokens = sum(self.fmt.count(m) for m in history)
+            raise ConfigError(
+                f"cannot consolidate: the absorbed history ({tokens} tokens), the following turns and "
+                f"{probes} probes do not fit the model's context ({self.limit} tokens), so no teacher can read it all"
+            )
+        report = self.run_round(
+            prefix,
+            history,
+            n_probes=self.config.probe_count,
+            following=following or None,
+            base_teacher=True,
+            round_index=round_index,
+            on_step=on_step,
+        )
+        report.teacher, report.kind = "history", "consolidation"
+        return report
 
     # --- generation -----------------------------------------------------------------------
     def scope(self, base: bool) -> contextlib.AbstractContextManager[Any]:

@@ -49,22 +49,27 @@ def build_engine(spec: JobSpec) -> AbsorptionEngine:
 
 
 def run_job(engine: AbsorptionEngine, spec: JobSpec, on_step: StepCallback | None = None) -> JobResult:
-    """Absorb `spec.context` into a copy of the session's adapter and write it to `spec.output`."""
+    """Absorb `spec.context` (or consolidate) into a copy of the session's adapter; write it to `spec.output`."""
     if spec.base_adapter is None:
         engine.reset_adapter()
     else:
         engine.load_adapter(spec.base_adapter)
-    report = engine.run_round(
-        spec.prefix,
-        spec.context,
-        [],
-        n_probes=engine.config.probe_count,
-        following=spec.following,
-        base_teacher=spec.base_adapter is None,
-        history=spec.history,
-        round_index=spec.round_index,
-        on_step=on_step,
-    )
+    if spec.consolidation:
+        report = engine.consolidate(
+            spec.prefix, spec.context, spec.following, round_index=spec.round_index, on_step=on_step
+        )
+    else:
+        report = engine.run_round(
+            spec.prefix,
+            spec.context,
+            [],
+            n_probes=engine.config.probe_count,
+            following=spec.following,
+            base_teacher=spec.base_adapter is None,
+            history=spec.history,
+            round_index=spec.round_index,
+            on_step=on_step,
+        )
     return write_result(spec, report.to_dict(), engine.save_adapter)
 
 

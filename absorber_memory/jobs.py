@@ -57,6 +57,8 @@ class JobSpec(BaseModel):
     following: list[dict[str, str]]  # the turns after C, read first in the sync text S
     # What earlier rounds absorbed, for a teacher that reads the whole history (`streaming_teacher`).
     history: list[dict[str, str]] = []
+    # A consolidation: `context` is everything absorbed so far, re-taught by the frozen model; nothing new.
+    consolidation: bool = False
     base_adapter: str | None  # folder to continue from; None: a fresh adapter taught by the frozen model
     base_version: int | None
     output: str  # folder to write the new adapter to
@@ -91,7 +93,8 @@ class JobInfo:
     """A job's state as users see it.
 
     `message_ids` are the messages it absorbs (C); `following_ids` the turns
-    after them that its sync text starts with.
+    after them that its sync text starts with. A consolidation (`kind`)
+    absorbs no message: it re-teaches the adapter what is already absorbed.
     """
 
     id: int
@@ -107,6 +110,7 @@ class JobInfo:
     loss: float | None = None
     adapter_version: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # when done: the absorption report
+    kind: str = "round"  # "round" or "consolidation"
 
     @property
     def pending(self) -> bool:

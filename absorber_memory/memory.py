@@ -31,7 +31,7 @@ from .jobs import StepCallback
 from .models import DEFAULT_MODEL, identity_mismatch
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
 from .recall import Recalled, recall_answers
-from .stream import plan_absorption
+from .stream import leading_fit, plan_absorption
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,35 @@ class ParametricMemory:
         n_probes = self.config.probe_count if sync is None else 0
         report = self._round(prefix or self._prefix, context_rest, segments, n_probes)
         self._log.append({"first": None, "count": len(context_rest), "report": report.to_dict()})
+        return report
+
+    def consolidate(self) -> AbsorptionReport | None:
+        """Re-teach the adapter everything absorbed from the transcript in one round (`engine.consolidate`).
+
+        The frozen model reading every absorbed turn teaches, the student continues from the current
+        adapter, and S starts with the window's oldest turns (up to `sync_tokens`); nothing new is
+        absorbed and the window is unchanged. For idle time: streaming rounds stop undertrained, and the
+        chained teacher (or one that no longer fits) loses early rounds. Returns None when nothing has
+        been absorbed yet.
+
+        Raises:
+            ConfigError: the absorbed turns do not fit the model's context (nothing is trained).
+            InvalidMessageError: the adapter holds text given to `absorb()` that the transcript does not
+                hold; re-teaching from the transcript would train it away.
+        """
+        if any(e["first"] is None for e in self._log):
+            raise InvalidMessageError(
+                "the adapter holds text absorbed with `absorb()` that the transcript does not hold; "
+                "consolidating from the transcript would train it away"
+            )
+        if not self._absorbed:
+            return None
+        window = self._transcript[self._absorbed :]
+        following = window[: leading_fit([self.fmt.count(m) for m in window], self.config.sync_tokens)]
+        report = self.engine.consolidate(
+            self._prefix, self._transcript[: self._absorbed], following, round_index=len(self._log)
+        )
+        self._log.append({"first": self._absorbed, "count": 0, "report": report.to_dict()})
         return report
 
     def _round(

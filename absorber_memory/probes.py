@@ -136,3 +136,8 @@ def recitation_segments(context: list[Message], mode: str, lead: list[Message] |
     if mode == "after":
         return [list(lead or []) + [m for pair in pairs for m in pair]]
     raise ValueError(f"recitation mode must be 'off', 'each' or 'after', got {mode!r}")
+
+
+def recitation_tokens(count: Callable[[Message], int], context: list[Message], mode: str) -> int:
+    """Tokens the recitations of `context` add to a teacher prompt (0 when `mode` is "off")."""
+    return 0 if mode == "off" else sum(count(m) for pair in recitation_segments(context, "each") for m in pair)

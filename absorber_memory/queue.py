@@ -129,6 +129,11 @@ class AbsorptionQueue:
         with self._cond:
             return [f for j, f in self._futures.items() if session_id is None or self._sessions[j] == session_id]
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: nothing more can be submitted."""
+        return self._closed
+
     def is_running(self, job_id: int) -> bool:
         with self._cond:
             return job_id in self._running

@@ -167,7 +167,9 @@ class AbsorberMemory:
             #: The session adapters loaded for inference (an LRU; `stats` counts hits, loads, evictions).
             self.adapters = AdapterCache(base, lora_config(self.config), self.config.max_loaded_adapters)
             recover_sessions(self.store, self.layout)
-            self.coordinator = JobCoordinator(self.store, self.layout, self.config, self.fmt, self.model_name, lock)
+            self.coordinator = JobCoordinator(
+                self.store, self.layout, self.config, self.fmt, self.model_name, lock, self.context_limit
+            )
             self.queue = self.coordinator.start(executor, self.config.absorb_workers)
             registry.register(self.data_dir, self)
         except BaseException:
@@ -265,6 +267,14 @@ class AbsorberMemory:
     def schedule(self, session_id: str = DEFAULT_SESSION) -> list[JobHandle]:
         """Queue absorption rounds for the session's unclaimed overflow (automatic with `auto_absorb`)."""
         return self.coordinator.schedule(check_id(session_id))
+
+    def consolidate(self, session_id: str = DEFAULT_SESSION) -> JobHandle | None:
+        """Queue one round re-teaching the session's adapter everything absorbed (`JobCoordinator.consolidate`).
+
+        Absorbs nothing new. Returns its handle (a queued one is reused), or None when nothing is absorbed yet;
+        raises `ConfigError` when the absorbed messages do not fit the model's context.
+        """
+        return self.coordinator.consolidate(check_id(session_id))
 
     def absorb_messages(
         self, messages: Messages, *, session_id: str = DEFAULT_SESSION, user_id: str | None = None
@@ -377,6 +387,7 @@ class AbsorberMemory:
         if self.closed:
             return
         self.closed = True
+        self.coordinator.close()
         self.queue.close(cancel_running=True)
         self.store.close()
 
@@ -397,5 +408,6 @@ class AbsorberMemory:
     arecall = _in_thread(recall)
     acontext_messages = _in_thread(context_messages)
     aforget = _in_thread(forget)
+    aconsolidate = _in_thread(consolidate)
     aforget_user = _in_thread(forget_user)
     aforget_messages = _in_thread(forget_messages)

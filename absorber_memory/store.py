@@ -138,6 +138,11 @@ class JobRow:
     metrics: dict[str, Any] | None
     adapter_version: int | None
 
+    @property
+    def consolidation(self) -> bool:
+        """A job that absorbs no message: it re-teaches the adapter everything already absorbed."""
+        return not self.context_ids
+
 
 def _message(r: sqlite3.Row) -> StoredMessage:
     return StoredMessage(

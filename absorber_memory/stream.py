@@ -96,3 +96,22 @@ def fit_window(counts: list[int], roles: list[str], budget: int) -> int:
     spans = turn_spans(roles)
     fallback = spans[-1][0] if spans else 0
     return next((begin for begin, _ in spans if sum(counts[begin:]) <= budget), fallback)
+
+
+#: Tokens allowed for one probe's question when checking whether a teacher prompt fits the context.
+PROBE_QUESTION_TOKENS = 32
+
+
+def teacher_tokens(prefix_tokens: int, message_tokens: int, probes: int, answer_tokens: int, extra: int = 0) -> int:
+    """Tokens a teacher prompt `[prefix; messages; probes and their answers]` needs (`extra`: e.g. recited turns)."""
+    return prefix_tokens + message_tokens + probes * (PROBE_QUESTION_TOKENS + answer_tokens) + extra
+
+
+def leading_fit(counts: list[int], budget: int) -> int:
+    """How many of the first messages fit in `budget` tokens together (whole messages, stopping at the first misfit)."""
+    used = 0
+    for k, count in enumerate(counts):
+        if used + count > budget:
+            return k
+        used += count
+    return len(counts)

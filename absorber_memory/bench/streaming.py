@@ -106,9 +106,9 @@ def stream_session(
         return {
             "absorbed": [m.as_chat() for m in rows.values() if m.absorbed and m.role != "system"],
             "window": [m.as_chat() for m in memory.window("s")],
-            "chunks": [[rows[i].as_chat() for i in j.message_ids] for j in jobs],
+            "chunks": [[rows[i].as_chat() for i in j.message_ids] for j in jobs if j.message_ids],
             "adapter": kept if adapter is not None else None,
-            "jobs": [{k: j.metrics.get(k) for k in _JOB_FIELDS} for j in jobs],
+            "jobs": [{"kind": j.kind, **{k: j.metrics.get(k) for k in _JOB_FIELDS}} for j in jobs],
             "wall_seconds": wall,
         }
     finally:
@@ -218,7 +218,7 @@ def evaluate_chat(
             with_context=False,
             adapter=True,
             seconds=sum(j["seconds"] for j in stream["jobs"]),
-            absorbed_tokens=sum(j["context_tokens"] for j in stream["jobs"]),
+            absorbed_tokens=sum(j["context_tokens"] for j in stream["jobs"] if j["kind"] != "consolidation"),
             jobs=stream["jobs"],
             wall_seconds=stream["wall_seconds"],
         )
