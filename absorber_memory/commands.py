@@ -1,4 +1,4 @@
-"""Housekeeping from the terminal: list, show, absorb, recall, forget and export sessions.
+"""Housekeeping from the terminal: list, show, absorb, consolidate, recall, forget and export sessions.
 
 Each command opens the data directory (`--home`, else `$ABSORBER_HOME`)
 with the base model it was made with (`--model`, default the embedded one),
@@ -75,6 +75,7 @@ def show_session(memory: Any, session_id: str) -> dict[str, Any]:
         "jobs": [
             {
                 "id": j.id,
+                "kind": j.kind,
                 "status": str(j.status),
                 "messages": j.message_ids,
                 "adapter_version": j.adapter_version,
@@ -161,7 +162,8 @@ def _dispatch(memory: Any, args: argparse.Namespace) -> int:
         for j in shown["jobs"]:
             curve = j["loss_curve"]
             loss = f"loss {curve[0]:.3f} -> {curve[-1]:.3f}" if curve else ""
-            print(f"job {j['id']}: {j['status']}, {len(j['messages'])} messages {loss} {j['error'] or ''}".rstrip())
+            what = "consolidation" if j["kind"] == "consolidation" else f"{len(j['messages'])} messages"
+            print(f"job {j['id']}: {j['status']}, {what} {loss} {j['error'] or ''}".rstrip())
         return 0
     if cmd == "absorb":
         messages = read_messages(Path(args.file))
@@ -171,6 +173,22 @@ def _dispatch(memory: Any, args: argparse.Namespace) -> int:
         result["failed"] = [j.error for j in jobs if str(j.status) == "failed"]
         print(json.dumps(result) if args.json else f"absorbed {len(messages)} messages into session {args.session}")
         return 1 if result["failed"] else 0
+    if cmd == "consolidate":
+        handle = memory.consolidate(known_session(memory, args.session))
+        info = handle.result() if handle is not None and not args.no_wait else None
+        result = {
+            "session": args.session,
+            "job": None if handle is None else handle.id,
+            "status": None if handle is None else str(info.status if info else "queued"),
+            "error": info.error if info else None,
+        }
+        if args.json:
+            print(json.dumps(result))
+        elif handle is None:
+            print(f"session {args.session}: nothing absorbed yet, nothing to consolidate")
+        else:
+            print(f"session {args.session}: consolidation job {handle.id} {result['status']} {result['error'] or ''}")
+        return 1 if result["status"] in ("failed", "cancelled") else 0
     if cmd == "recall":
         rows = [r.to_dict() for r in memory.recall(known_session(memory, args.session), args.question)]
         if args.json:
@@ -220,6 +238,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--session", required=True)
     p.add_argument("--user", default=None, help="owner of the session")
     p.add_argument("--no-wait", action="store_true", help="queue the absorption and exit")
+    p = command("consolidate", "re-teach a session's adapter everything it has absorbed, in one round")
+    p.add_argument("session")
+    p.add_argument("--no-wait", action="store_true", help="queue it and exit (it runs the next time the data opens)")
     p = command("recall", "what a session's adapter alone holds, beside the base model")
     p.add_argument("session")
     p.add_argument("--question", action="append", default=None, help="ask this instead (repeatable)")
@@ -234,4 +255,4 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-transcript", action="store_true", help="leave the conversation out (for a serving host)")
 
 
-COMMANDS = ("sessions", "show", "absorb", "recall", "forget", "forget-user", "export")
+COMMANDS = ("sessions", "show", "absorb", "consolidate", "recall", "forget", "forget-user", "export")

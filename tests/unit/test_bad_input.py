@@ -231,6 +231,9 @@ CASES = [
          InvalidMessageError, "`raw=True` needs a non-empty string"),
     Case("forget unknown message ids", lambda e: e.core.forget_messages("s", [999_999]), InvalidMessageError, "not messages of session"),
     Case("forget ids that are not ints", lambda e: e.core.forget_messages("s", ["1"]), InvalidMessageError, "list of ints"),
+    Case("consolidate an unknown session", lambda e: e.core.consolidate("nobody"), InvalidSessionError, "unknown session"),
+    Case("consolidate a malformed session id", lambda e: e.core.consolidate(""), InvalidSessionError, "session"),
+    Case("negative idle time", lambda e: AbsorberConfig(consolidate_when_idle=-1), ConfigError, "consolidate_when_idle"),
     # --- ids ---
     Case("session id with NUL", lambda e: e.core.add_messages(turn(5), session_id="a\x00b"), InvalidSessionError, "without NUL"),
     Case("very long session id", lambda e: e.core.add_messages(turn(5), session_id="x" * 5000), InvalidSessionError, "1-1024 characters"),

@@ -1,4 +1,4 @@
-"""The housekeeping commands on the tiny model: sessions, show, absorb, recall, forget, forget-user, export."""
+"""The housekeeping commands on the tiny model: sessions, show, absorb, consolidate, recall, forget, forget-user, export."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def test_absorb_show_sessions_recall_export_forget_round_trip(capsys, home, tmp_
     assert shown["jobs"] and all(j["status"] == "done" and j["loss_curve"] for j in shown["jobs"])
     assert "[absorbed v" in run(capsys, home, "show", "ana")[1]
 
+    code, out, _ = run(capsys, home, "consolidate", "ana", "--json")
+    done = json.loads(out)
+    assert code == 0 and done["status"] == "done" and done["error"] is None
+    after = json.loads(run(capsys, home, "show", "ana", "--json")[1])
+    assert after["jobs"][-1]["id"] == done["job"] and after["jobs"][-1]["kind"] == "consolidation"
+    assert after["messages"] == shown["messages"]  # nothing new absorbed, nothing lost
+    assert after["adapter_version"] > shown["adapter_version"]
+    assert "consolidation" in run(capsys, home, "show", "ana")[1]
+    code, out, _ = run(capsys, home, "consolidate", "ana", "--no-wait")
+    assert code == 0 and "queued" in out
+
     code, out, _ = run(capsys, home, "recall", "ana", "--question", "Who am I?", "--json")
     (row,) = json.loads(out)
     assert code == 0 and row["question"] == "Who am I?" and row["absorbed"] != row["base"]
@@ -90,6 +101,7 @@ def test_bad_input_exits_non_zero_with_one_line_and_changes_nothing(capsys, home
     fails("recall", "nobody", match="unknown session 'nobody'")
     fails("export", "nobody", str(tmp_path / "x"), match="unknown session")
     fails("forget", "nobody", match="unknown session")
+    fails("consolidate", "nobody", match="unknown session 'nobody'; known: 'ana'")
     fails("absorb", str(tmp_path / "missing.jsonl"), "--session", "ana", match="cannot read")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(CHAT[0]) + "\n" + "{not json\n")
@@ -107,6 +119,20 @@ def test_bad_input_exits_non_zero_with_one_line_and_changes_nothing(capsys, home
     assert json.loads(run(capsys, home, "show", "ana", "--json")[1]) == before  # nothing changed
 
 
+def test_consolidating_a_session_with_nothing_absorbed_says_so(capsys, home):
+    from absorber_memory import AbsorberMemory
+    from absorber_memory.testing import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer()
+    with AbsorberMemory(model, tokenizer=tok, data_dir=home) as memory:
+        memory.add_messages([{"role": "user", "content": "hi"}], session_id="new")
+    code, out, _ = run(capsys, home, "consolidate", "new")
+    assert code == 0 and "nothing absorbed yet" in out
+    code, out, _ = run(capsys, home, "consolidate", "new", "--json")
+    assert json.loads(out) == {"session": "new", "job": None, "status": None, "error": None}
+    assert json.loads(run(capsys, home, "show", "new", "--json")[1])["jobs"] == []
+
+
 def test_export_needs_an_adapter(capsys, home, tmp_path):
     from absorber_memory import AbsorberMemory
     from absorber_memory.testing import tiny_model_and_tokenizer
@@ -122,5 +148,6 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for name in ("demo", "bench", "info", "sessions", "show", "absorb", "recall", "forget", "forget-user", "export"):
+    for name in ("demo", "bench", "info", "sessions", "show", "absorb", "consolidate", "recall", "forget", "forget-user",
+                 "export"):
         assert name in out
