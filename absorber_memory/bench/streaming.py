@@ -251,6 +251,34 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def model_matmul_peak_flops(model: Any, tokens: int, repeats: int = 3) -> float:
+    """Measured fp32 FLOP/s of a training step's linear matmuls alone, at this model's shapes and `tokens` rows.
+
+    Per decoder linear layer (out x in), the forward `X W^T` and the input gradient `dY W` (base weights are
+    frozen, so no weight gradient): the matmuls "useful work" counts, 4 x weights x tokens, timed back to
+    back with nothing else (best of `repeats`). Small layers run below the square-matmul peak; this is
+    the ceiling a step at these shapes could reach.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shapes = [
+        tuple(m.weight.shape)
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    ]
+    weights = {shape: torch.randn(*shape) for shape in set(shapes)}
+    inputs = {shape: (torch.randn(tokens, shape[1]), torch.randn(tokens, shape[0])) for shape in set(shapes)}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first pass warms up
+            start = time.perf_counter()
+            for shape in shapes:
+                x, dy = inputs[shape]
+                torch.mm(x, weights[shape].t())
+                torch.mm(dy, weights[shape])
+            best = min(best, time.perf_counter() - start)
+    return 4 * sum(o * i for o, i in shapes) * tokens / best
+
+
 def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params: int) -> list[dict[str, Any]]:
     """One row per method, pooled over chats (KL over all answer tokens, recall over all questions)."""
 
@@ -341,11 +369,15 @@ def streaming_experiment(
         shutil.rmtree(work, ignore_errors=True)
     prefill_4k = min(p["at_4k"] for p in prefill)
     params = linear_params(engine.model)
+    jobs = [j for name, rs in raw.items() if name.startswith("stream-") for r in rs for j in r.get("jobs", [])]
+    step_tokens = round(sum(j["sync_tokens"] for j in jobs) / len(jobs)) if jobs else 256
     return {
         "rows": pooled_rows(raw, prefill_4k, params),
         "prefill": prefill,
         "prefill_s_per_token_4k": prefill_4k,
         "matmul_peak_gflops": matmul_peak_flops() / 1e9,
+        "model_matmul_tokens": step_tokens,
+        "model_matmul_peak_gflops": model_matmul_peak_flops(engine.model, max(1, step_tokens)) / 1e9,
         "linear_params": params,
         "chats": [c.name for c in chats],
         "raw": raw,

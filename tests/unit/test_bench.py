@@ -46,6 +46,7 @@ def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
     if sessions == 1:  # one session: its gap is the pooled one
         assert float(rows["one-shot"]["gap_per_session"]) == pytest.approx(rows["one-shot"]["gap_closed"], abs=0.006)
     assert data["prefill_s_per_token_4k"] > 0 and data["matmul_peak_gflops"] > 0
+    assert data["model_matmul_peak_gflops"] > 0 and data["model_matmul_tokens"] > 0
     assert data["settings"]["split"] == "test" and (tmp_path / "streaming.png").exists()
     summary = data["raw"]["summary"][0]["summary"]
     assert isinstance(summary, str)
