@@ -89,31 +89,27 @@ def test_nothing_absorbed_means_nothing_to_consolidate(make_memory):
     assert same_weights(before, lora_state(pm)) and pm.absorption_log == []
 
 
+def refused_untouched(pm, error: type[Exception], match: str) -> None:
+    """`pm.consolidate()` raises `error` and changes neither the adapter nor the log."""
+    before, log = lora_state(pm), pm.absorption_log
+    with pytest.raises(error, match=match):
+        pm.consolidate()
+    assert same_weights(before, lora_state(pm)) and pm.absorption_log == log
+
+
 def test_text_absorbed_outside_the_transcript_is_not_consolidated_away(make_memory):
     pm = make_memory(window_tokens=60, absorb_tokens=30, sync_tokens=30)
     pm.absorb(turn(9))
     for k in range(3):
         pm.add_messages(turn(k))
-    before, log = lora_state(pm), pm.absorption_log
-    with pytest.raises(InvalidMessageError, match="absorb"):
-        pm.consolidate()
-    assert same_weights(before, lora_state(pm)) and pm.absorption_log == log
+    refused_untouched(pm, InvalidMessageError, "absorb")
 
 
-def test_a_history_too_long_for_the_context_is_refused_untouched(tokenizer):
-    from absorber_memory import ParametricMemory
-    from absorber_memory.testing import tiny_model
-
-    from .test_history_teacher import STREAM
-
-    config = AbsorberConfig(**{**STREAM, "streaming_teacher": "chained"}, context_tokens=240)
-    pm = ParametricMemory(tiny_model(tokenizer, seed=0), tokenizer=tokenizer, config=config)
+def test_a_history_too_long_for_the_context_is_refused_untouched(make_memory):
+    pm = make_memory(window_tokens=60, absorb_tokens=30, sync_tokens=30, streaming_teacher="chained", context_tokens=240)
     for k in range(8):
         pm.add_messages(turn(k))
-    before, log = lora_state(pm), pm.absorption_log
-    with pytest.raises(ConfigError, match="does not fit|do not fit"):
-        pm.consolidate()
-    assert same_weights(before, lora_state(pm)) and pm.absorption_log == log
+    refused_untouched(pm, ConfigError, "do not fit")
 
 
 # --- many sessions (AbsorberMemory) ------------------------------------------------------------
@@ -195,6 +191,15 @@ def held(make_service, **overrides):
     return memory, gates[0].gate
 
 
+def absorbed_then_held(memory, gate, session: str, turns: range) -> list[int]:
+    """Add `turns` and let their rounds commit; later jobs wait at the gate again."""
+    ids = added_turns(memory, session, turns)
+    gate.set()
+    memory.flush()
+    gate.clear()
+    return ids
+
+
 def test_a_queued_consolidation_is_reused(make_service):
     memory, gate = held(make_service)
     ids = added_turns(memory, "s", range(4))
@@ -258,10 +263,7 @@ def test_closing_stops_idle_timers_and_nothing_is_queued(make_service):
 
 def test_a_pending_consolidation_resumes_after_a_restart(make_service):
     memory, gate = held(make_service)
-    ids = added_turns(memory, "s", range(4))
-    gate.set()
-    memory.flush()
-    gate.clear()
+    ids = absorbed_then_held(memory, gate, "s", range(4))
     other = added_turns(memory, "o", range(4))  # the one worker is busy with session o's round
     handle = memory.consolidate("s")
     assert handle is not None and handle.info().status == "queued"
@@ -283,10 +285,7 @@ def test_a_pending_consolidation_resumes_after_a_restart(make_service):
 
 def test_forgetting_an_absorbed_message_cancels_a_queued_consolidation(make_service):
     memory, gate = held(make_service)
-    ids = added_turns(memory, "s", range(5))
-    gate.set()
-    memory.flush()
-    gate.clear()
+    ids = absorbed_then_held(memory, gate, "s", range(5))
     ids += added_turns(memory, "s", range(5, 6))  # a round runs and waits at the gate
     handle = memory.consolidate("s")
     forgotten = [m.id for m in memory.transcript("s") if m.absorbed][:2]
