@@ -175,6 +175,20 @@ def test_streaming_variants_add_rows_with_their_overrides(tmp_path):
     assert sum(j["sync_tokens"] for j in recite_jobs) > sum(j["sync_tokens"] for j in history_jobs)  # quotes trained
 
 
+def test_a_consolidating_stream_counts_its_seconds_but_not_its_tokens(tmp_path):
+    argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
+            "--teachers", "history", "--variant", "cons", "consolidate_when_idle=0"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "streaming.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    plain, cons = data["raw"]["stream-history"][0], data["raw"]["stream-cons"][0]
+    assert [j["kind"] for j in cons["jobs"]] == [j["kind"] for j in plain["jobs"]] + ["consolidation"]
+    assert cons["jobs"][-1]["context_tokens"] > 0  # it re-taught the whole history ...
+    assert rows["stream-cons"]["absorbed_tokens"] == rows["stream-history"]["absorbed_tokens"]  # ... absorbed nothing
+    assert cons["seconds"] == pytest.approx(sum(j["seconds"] for j in cons["jobs"]))
+    assert cons["seconds"] > sum(j["seconds"] for j in cons["jobs"][:-1])
+
+
 @pytest.mark.parametrize("spec", [["history", "probe_count=1"], ["x"], ["a=b"]])
 def test_bad_streaming_variants_are_refused(tmp_path, spec):
     with pytest.raises(SystemExit, match="--variant"):
