@@ -144,13 +144,12 @@ class JobCoordinator:
                 raise InvalidSessionError(f"unknown session {session_id!r}")
             pending = self.store.jobs(session_id, PENDING)
             queued = [j for j in pending if j.consolidation and j.status == JobStatus.QUEUED]
-            if queued:
-                return self._queue().handle(queued[-1].id) or self._queue().submit(queued[-1].id, session_id)
-            stored = self.store.messages(session_id)
-            history = [m.as_chat() for m in stored if m.absorbed and m.role != "system"]
+            if queued:  # `submit` hands back the queue's existing handle of a job it already holds
+                return self._queue().submit(queued[-1].id, session_id)
+            prefix, history, following = self._consolidation(self.store.messages(session_id))
             if not history:
                 return None
-            if (problem := self._too_long(stored, history)) is not None:
+            if (problem := self._too_long(prefix, history, following)) is not None:
                 if quiet:
                     log.info("session %r: not consolidated: %s", session_id, problem)
                     return None
@@ -159,16 +158,25 @@ class JobCoordinator:
             log.info("session %r: queued consolidation job %d", session_id, job_id)
             return self._queue().submit(job_id, session_id)
 
-    def _too_long(self, stored: list[StoredMessage], history: list[Message]) -> str | None:
+    def _consolidation(self, stored: list[StoredMessage]) -> tuple[list[Message], list[Message], list[Message]]:
+        """A consolidation's `(prefix, C = every absorbed message, following)` from a session's stored messages.
+
+        The following turns are the window's oldest, whole messages up to `sync_tokens`.
+        """
+        prefix = [m.as_chat() for m in stored if m.role == "system"]
+        history = [m.as_chat() for m in stored if m.absorbed and m.role != "system"]
+        window = [m.as_chat() for m in stored if not m.absorbed and m.role != "system"]
+        following = window[: leading_fit([self.fmt.count(m) for m in window], self.config.sync_tokens)]
+        return prefix, history, following
+
+    def _too_long(self, prefix: list[Message], history: list[Message], following: list[Message]) -> str | None:
         """Why a teacher cannot read the whole absorbed `history` with its probes (None: it can)."""
         if self.limit is None:
             return None
         cfg = self.config
-        window = [m.as_chat() for m in stored if not m.absorbed and m.role != "system"]
-        following = window[: leading_fit([self.fmt.count(m) for m in window], cfg.sync_tokens)]
         history_tokens = sum(self.fmt.count(m) for m in history)
         needed = teacher_tokens(
-            len(self.fmt.prefix_ids([m.as_chat() for m in stored if m.role == "system"])),
+            len(self.fmt.prefix_ids(prefix)),
             history_tokens + sum(self.fmt.count(m) for m in following),
             cfg.probe_count,
             cfg.probe_max_new_tokens,
@@ -283,16 +291,14 @@ class JobCoordinator:
             job, session, version = claimed
             base = session.adapter_version
             prefix: list[Message] = [m.as_chat() for m in stored if m.role == "system"]
+            history: list[Message] = []
             if job.consolidation:  # everything absorbed is C again, S starts with the window's oldest turns
-                window = [m.as_chat() for m in stored if not m.absorbed and m.role != "system"]
-                context = absorbed
-                following = window[: leading_fit([self.fmt.count(m) for m in window], self.config.sync_tokens)]
-                history: list[Message] = []
+                _, context, following = self._consolidation(stored)
             else:
                 context = [msgs[i].as_chat() for i in job.context_ids]
                 following = [msgs[i].as_chat() for i in job.following_ids]
-                wants_history = base is not None and self.config.streaming_teacher == "history"
-                history = absorbed if wants_history else []
+                if base is not None and self.config.streaming_teacher == "history":
+                    history = absorbed
             spec = JobSpec(
                 job_id=job_id,
                 session_id=job.session_id,
