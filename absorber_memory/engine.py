@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,14 +81,28 @@ class AbsorptionEngine:
 
     # --- the adapter's weights ------------------------------------------------------------
     def reset_adapter(self) -> None:
-        """Re-initialise the adapter as new (B = 0, so the model equals the base), seeded by `seed`."""
+        """Re-initialise the adapter as new (B = 0, so the model equals the base), seeded by `seed`.
+
+        A is drawn as PEFT draws it (Kaiming-uniform, `a = sqrt(5)`) but from this
+        call's own generator, on the CPU in fp32, then copied into place. The global
+        RNG is neither read nor reseeded, so engines resetting on several threads at
+        once give each the same adapter as one resetting alone, and the start is the
+        same on every device.
+        """
         from peft.tuners.lora import LoraLayer
 
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.config.seed)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        with torch.no_grad():
             for module in self.model.modules():
                 if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-                    module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+                    a: Any = module.lora_A[ADAPTER]
+                    b: Any = module.lora_B[ADAPTER]
+                    drawn = torch.empty(a.weight.shape, dtype=torch.float32)
+                    torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+                    a.weight.copy_(drawn)
+                    b.weight.zero_()
+                    if b.bias is not None:
+                        b.bias.zero_()
 
     def load_adapter(self, folder: str | Path) -> None:
         """Replace the adapter's weights with a PEFT folder's (shapes and values checked)."""

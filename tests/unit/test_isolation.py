@@ -16,9 +16,11 @@ import contextlib
 import torch
 from safetensors.torch import load_file
 
+from absorber_memory.engine import AbsorptionEngine
+from absorber_memory.layout import session_key
 from absorber_memory.metrics import answer_logprobs
 from absorber_memory.persistence import ADAPTER_WEIGHTS
-from absorber_memory.layout import session_key
+from absorber_memory.testing import tiny_model
 
 from ..conftest import turn
 from .test_sessions import QUESTION, check_invariants, reference_answer
@@ -113,3 +115,35 @@ async def test_eight_sessions_never_see_each_others_adapters(make_service, token
     for session in ["s3", "s0", "s7", "s1", "s0", "s5"]:
         expected = reference_answer(tokenizer, memory.adapter_path(session), QUESTION, memory.config)
         assert memory.generate(QUESTION, session_id=session) == expected
+
+
+def lora_weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in engine.model.state_dict().items() if ".lora_" in k}
+
+
+def test_an_adapter_reset_draws_only_from_its_own_generator(tokenizer, monkeypatch):
+    """Workers start adapters on several threads at once: others using the global RNG mid-reset change nothing."""
+    engine = AbsorptionEngine(tiny_model(tokenizer), tokenizer=tokenizer, config={"seed": 3})
+    state = torch.get_rng_state()
+    engine.reset_adapter()
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is neither read nor reseeded
+    alone = lora_weights(engine)
+    assert all(bool(v.any()) == (".lora_A." in k) for k, v in alone.items())  # A drawn, B = 0
+
+    real = torch.nn.init.kaiming_uniform_
+
+    def beside_another_worker(tensor, *args, **kwargs):
+        torch.manual_seed(tensor.shape[0])  # another thread's reset reseeds the global RNG ...
+        torch.rand(7)  # ... and draws from it, between two of this reset's draws
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", beside_another_worker)
+    for weight in engine.model.parameters():
+        weight.data.add_(1.0)  # any trained state; the reset replaces the adapter's part
+    engine.reset_adapter()
+    again = lora_weights(engine)
+    assert again.keys() == alone.keys() and all(torch.equal(again[k], alone[k]) for k in alone)
+
+    other = AbsorptionEngine(tiny_model(tokenizer), tokenizer=tokenizer, config={"seed": 4})
+    other.reset_adapter()
+    assert any(not torch.equal(v, alone[k]) for k, v in lora_weights(other).items())  # the seed decides
