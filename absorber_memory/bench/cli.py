@@ -101,6 +101,13 @@ STREAMING: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: `--long`: each session's real chat is 12 chats one after another (3.4-4.4k tokens of transcript, the
+#: length the cost target is stated at), absorbed in rounds of 1,024 tokens; the rest as above.
+LONG_STREAMING: dict[str, dict[str, Any]] = {
+    "quick": dict(chats=3, absorb=60),
+    "full": dict(chats=12, absorb=1024),
+}
+
 
 def _loader(model: str, device: str, threads: int | None) -> Any:
     """A function rank -> fresh AbsorptionEngine (a new base model each call, so LoRA shapes can differ)."""
@@ -129,8 +136,14 @@ def _streaming(
     meta: dict[str, Any],
     variants: dict[str, dict[str, Any]] | None = None,
     teachers: list[str] | None = None,
+    *,
+    long: bool = False,
+    sessions: int | None = None,
 ) -> list[Path]:
-    """`bench streaming`: the agent path against full context, truncation, running summary and one-shot."""
+    """`bench streaming`: the agent path against full context, truncation, running summary and one-shot.
+
+    `long` streams the long sessions (`LONG_STREAMING`); `sessions` keeps the split's first sessions only.
+    """
     from tqdm.auto import tqdm
 
     from ..config import AbsorberConfig
@@ -138,7 +151,12 @@ def _streaming(
     from ..sessions import AbsorberMemory
     from .streaming import agent_chats, plot_streaming, streaming_experiment
 
-    st = STREAMING["quick" if quick else "full"]
+    size = "quick" if quick else "full"
+    st = {**STREAMING[size], "chats": 1, **(LONG_STREAMING[size] if long else {})}
+    if sessions is not None:
+        if not 1 <= sessions <= len(st[split]):
+            raise SystemExit(f"--sessions: the {split} split has {len(st[split])} sessions, got {sessions}")
+        st[split] = st[split][:sessions]
     base = dict(
         window_tokens=st["window"],
         absorb_tokens=st["absorb"],
@@ -173,7 +191,11 @@ def _streaming(
         return AbsorberMemory(m, tokenizer=tok, config=AbsorberConfig(**cfg.model_dump()), data_dir=data_dir)
 
     chats = agent_chats(
-        st[split], st["chat_messages"], chitchat_seed=0 if split == "test" else 1, queries=st["queries"]
+        st[split],
+        st["chat_messages"],
+        chitchat_seed=0 if split == "test" else 1,
+        queries=st["queries"],
+        chats=st["chats"],
     )
     bar = tqdm(total=len(chats) * (len(streams) + 6), desc="streaming", unit="run")
     started = time.perf_counter()
@@ -184,6 +206,7 @@ def _streaming(
     settings = {
         **st,
         "split": split,
+        "long": long,
         "config": config.model_dump(mode="json"),
         "streams": streams,
         "wall_seconds": time.perf_counter() - started,
@@ -281,13 +304,16 @@ def run(
     overrides: dict[str, Any] | None = None,
     variants: dict[str, dict[str, Any]] | None = None,
     teachers: list[str] | None = None,
+    long: bool = False,
+    sessions: int | None = None,
 ) -> list[Path]:
     """Run one subcommand (or `all`); returns the files written.
 
     `factors` limits the ablation grid; `split` picks the streaming benchmark's
     sessions (`dev` for tuning, `test` for reporting); `overrides` are its config changes,
     `variants` extra streaming rows (name -> further overrides) and `teachers` the
-    `streaming_teacher`s streamed (default: both).
+    `streaming_teacher`s streamed (default: both); `long` picks the ~4k-token
+    sessions and `sessions` the split's first few.
     """
     from tqdm.auto import tqdm
 
@@ -300,7 +326,20 @@ def run(
     written: list[Path] = []
     meta = {"command": command, "quick": quick, "model": model, "machine": _machine()}
     if command in ("streaming", "all"):
-        written += _streaming(out, quick, model, device, threads, split, overrides or {}, meta, variants, teachers)
+        written += _streaming(
+            out,
+            quick,
+            model,
+            device,
+            threads,
+            split,
+            overrides or {},
+            meta,
+            variants,
+            teachers,
+            long=long,
+            sessions=sessions,
+        )
         if command == "streaming":
             return written
     load = _loader(model, device, threads)
@@ -452,6 +491,18 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="streaming: which streaming_teacher rows to stream (default: both)",
     )
+    bench.add_argument(
+        "--long",
+        action="store_true",
+        help="streaming: ~4k-token sessions (12 real chats after the facts), absorbed in rounds of 1,024 tokens",
+    )
+    bench.add_argument(
+        "--sessions",
+        type=int,
+        default=None,
+        metavar="K",
+        help="streaming: only the split's first K sessions",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -467,6 +518,8 @@ def main(args: argparse.Namespace) -> int:
         overrides=parse_overrides(args.set),
         variants=parse_variants(args.variant),
         teachers=args.teachers,
+        long=args.long,
+        sessions=args.sessions,
     )
     print(json.dumps([str(p) for p in paths], indent=2))
     return 0

@@ -62,16 +62,19 @@ class AgentChat:
     cues: list[str]
 
 
-def agent_chats(seeds: list[int], chat_messages: int, chitchat_seed: int, queries: int) -> list[AgentChat]:
-    """Persona facts (seeded) followed by `chat_messages` real chat messages, one chat per seed."""
-    real = chitchat_conversations(len(seeds), seed=chitchat_seed, min_messages=chat_messages)
-    chats = []
-    for seed, chat in zip(seeds, real, strict=True):
+def agent_chats(
+    seeds: list[int], chat_messages: int, chitchat_seed: int, queries: int, chats: int = 1
+) -> list[AgentChat]:
+    """Persona facts (seeded) followed by real chat: `chats` chats of `chat_messages` messages, one after another."""
+    real = chitchat_conversations(len(seeds) * chats, seed=chitchat_seed, min_messages=chat_messages)
+    out = []
+    for k, seed in enumerate(seeds):
         persona = persona_conversation(seed, cued=True)
-        talk = (chat.context + chat.window)[:chat_messages]
-        chats.append(
+        picked = real[k * chats : (k + 1) * chats]
+        talk = [m for chat in picked for m in (chat.context + chat.window)[:chat_messages]]
+        out.append(
             AgentChat(
-                f"agent-{seed}-{chat.name}",
+                f"agent-{seed}-{picked[0].name}" + (f"-x{chats}" if chats > 1 else ""),
                 persona.prefix,
                 persona.context + talk,
                 persona.queries[:queries],
@@ -79,7 +82,7 @@ def agent_chats(seeds: list[int], chat_messages: int, chitchat_seed: int, querie
                 persona.cues[:queries],
             )
         )
-    return chats
+    return out
 
 
 def stream_session(

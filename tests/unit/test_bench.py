@@ -219,3 +219,37 @@ def test_pooled_rows_split_the_gap_by_session_and_by_where_the_reference_is_righ
     assert x["gap_per_session"] == "0.00 / -0.12"  # a: 4 vs 4; b: 9 vs 8
     assert x["gap_where_full_right"] == pytest.approx(1 - (1.0 + 8.0) / (2.0 + 4.0))  # a's first, b's second
     assert x["relative_recall"] == pytest.approx(0.5) and rows["full"]["gap_where_full_right"] == 1.0
+
+
+def test_long_sessions_chain_real_chats_after_the_facts():
+    from absorber_memory.bench.streaming import agent_chats
+
+    short = agent_chats([0], 6, chitchat_seed=0, queries=3)[0]
+    long = agent_chats([0], 6, chitchat_seed=0, queries=3, chats=3)[0]
+    assert long.messages[:8] == short.messages[:8]  # the same persona facts first
+    assert len(long.messages) == 8 + 3 * 6 and long.name.endswith("-x3")
+    talks = [long.messages[8 + 6 * k : 14 + 6 * k] for k in range(3)]
+    assert talks[0] != talks[1] != talks[2]  # three different chats, not one repeated
+    assert [m["role"] for m in long.messages[8:]] == ["user", "assistant"] * 9  # turns still alternate
+
+
+def test_quick_long_streaming_absorbs_in_larger_rounds(tmp_path):
+    argv = ["bench", "streaming", "--quick", "--long", "--sessions", "1", "--model", "tiny", "--threads", "1",
+            "--teachers", "history", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "streaming.json").read_text())
+    settings = data["settings"]
+    assert settings["long"] and settings["chats"] == 3 and settings["test"] == [0] and data["chats"][0].endswith("-x3")
+    assert settings["config"]["absorb_tokens"] == 60
+    assert [r["method"] for r in data["rows"]] == ["full", "truncation", "summary", "one-shot", "stream-history"]
+    from absorber_memory.bench.cli import STREAMING
+
+    sizes = [j["context_tokens"] for j in data["raw"]["stream-history"][0]["jobs"]]
+    assert len(sizes) > 3 and sum(sizes) / len(sizes) > STREAMING["quick"]["absorb"]  # rounds larger than short ones
+
+
+@pytest.mark.parametrize("k", ["0", "2", "-1"])
+def test_streaming_sessions_out_of_the_split_are_refused(tmp_path, k):
+    with pytest.raises(SystemExit, match="--sessions: the test split has 1 sessions, got"):
+        main(["bench", "streaming", "--quick", "--model", "tiny", "--sessions", k, "--out", str(tmp_path)])
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
