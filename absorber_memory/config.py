@@ -90,8 +90,9 @@ class AbsorberConfig(BaseModel):
         description="Share of each round's probes held out of training to measure that loss (at least one probe).",
     )
     losses: dict[str, float] = Field(
-        default_factory=lambda: {"l1": 1.0},
-        description="Weighted loss mix; names: l1, mse (hidden-state sync), logit_kl, lm (TTT baseline).",
+        default_factory=lambda: {"l1": 1.0, "logit_kl": 0.25},
+        description="Weighted loss mix; names: l1, mse (hidden-state sync), logit_kl, lm (TTT baseline). The default "
+        "adds a quarter-weight KL of the next-token distributions to the paper's L1 on hidden states.",
     )
     sync_batch_segments: int | None = Field(
         None,
@@ -122,7 +123,7 @@ class AbsorberConfig(BaseModel):
         "(falls back to `chained` when that does not fit the context); `chained` = the current adapter reading C only.",
     )
     sync_recitation: Literal["off", "each", "after"] = Field(
-        "off",
+        "after",
         description="Sync text quoting each absorbed user turn after 'Remind me what I told you.': `each` = one "
         "segment per turn after the prefix, `after` = all of them after the following turns (`off`: none).",
     )
@@ -137,7 +138,7 @@ class AbsorberConfig(BaseModel):
     sync_tokens: int = Field(256, ge=0, description="Most tokens of following turns used as sync text S (m).")
     auto_absorb: bool = Field(True, description="Absorb as soon as the window overflows when messages are added.")
     consolidate_when_idle: float | None = Field(
-        None,
+        0.0,
         ge=0,
         le=86_400,
         description="AbsorberMemory: seconds a session must stay idle after an absorption round (no new round "

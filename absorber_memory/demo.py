@@ -2,8 +2,9 @@
 
 A user states personal facts, then chats about other things; the window is
 small, so the fact turns leave the prompt and background jobs absorb them
-(the agent path every integration uses), with the recall setting
-(`sync_recitation="after"` and a logit-KL term of weight 0.25, see BENCHMARKS.md). Then
+(the agent path every integration uses) at the library's defaults: the
+user's turns recited in the sync text, a logit-KL term of weight 0.25, and
+one consolidation round once the rounds are done (see BENCHMARKS.md). Then
 held-out questions (never used in training) go to three models: the frozen
 model with the whole chat in its prompt (full context), the adapter with
 only the window (absorbed), and the frozen model with only the window
@@ -72,13 +73,11 @@ QUESTIONS: list[tuple[str, list[str], str]] = [
     ("What food am I allergic to?", ["peanut"], "You are allergic to"),
 ]
 
-#: The agent demo: a window of about two exchanges, the recall setting, a step budget that keeps it near 4 min.
+#: The agent demo: a window of about two exchanges and a step budget that keeps it near 5 min; the rest defaults.
 AGENT_DEMO_SETTINGS: dict[str, Any] = dict(
     window_tokens=96,
     absorb_tokens=96,
     sync_tokens=64,
-    sync_recitation="after",
-    losses={"l1": 1.0, "logit_kl": 0.25},
     probe_count=4,
     max_steps=16,
 )

@@ -35,7 +35,20 @@ def absorber_home(tmp_path, monkeypatch):
     return home
 
 
-FAST = dict(max_steps=8, lr=1e-2, probe_count=2, probe_max_new_tokens=8, max_new_tokens=8, num_threads=1)
+#: Small, fast training for mechanism tests. They pin the paper's plain path (L1 only, probe answers as the only
+#: sync text, no consolidation): the library's defaults add recitation, a logit-KL term and a consolidation after
+#: every burst of rounds, which have their own tests (`test_recitation`, `test_consolidation`, `test_defaults`).
+FAST = dict(
+    max_steps=8,
+    lr=1e-2,
+    probe_count=2,
+    probe_max_new_tokens=8,
+    max_new_tokens=8,
+    num_threads=1,
+    sync_recitation="off",
+    losses={"l1": 1.0},
+    consolidate_when_idle=None,
+)
 
 
 @pytest.fixture

@@ -35,9 +35,11 @@ def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
     rows = {r["method"]: r for r in data["rows"]}
     assert list(rows) == ["full", "truncation", "summary", "one-shot", "stream-history", "stream-chained"]
     assert rows["full"]["kl"] == pytest.approx(0.0, abs=1e-6) and rows["truncation"]["gap_closed"] == 0.0
+    # the chained row's consolidation (a default) is taught by the frozen model reading the whole history
     assert rows["stream-history"]["teachers"] == "frozen,history" and rows["stream-chained"]["teachers"] == (
-        "chained,frozen"
+        "chained,frozen,history"
     )
+    assert [j["kind"] for j in data["raw"]["stream-chained"][0]["jobs"]][-1] == "consolidation"
     for name in ("one-shot", "stream-history", "stream-chained"):
         assert rows[name]["absorbed_tokens"] > 0 and rows[name]["x_prefill_4k"] > 0
         assert rows[name]["steps_per_round"] > 0
@@ -163,28 +165,27 @@ def test_cued_questions_end_their_prompt_with_the_answer_start(make_memory):
 
 def test_streaming_variants_add_rows_with_their_overrides(tmp_path):
     argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
-            "--teachers", "history", "--variant", "recite", "sync_recitation=after", 'losses={"l1":1,"logit_kl":1}']
+            "--teachers", "history", "--variant", "plain", "sync_recitation=off", 'losses={"l1":1}']
     assert main(argv) == 0
     data = json.loads((tmp_path / "streaming.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    assert list(rows) == ["full", "truncation", "summary", "one-shot", "stream-history", "stream-recite"]
-    assert data["settings"]["streams"]["stream-recite"] == {"sync_recitation": "after",
-                                                              "losses": {"l1": 1, "logit_kl": 1}}
-    recite_jobs = data["raw"]["stream-recite"][0]["jobs"]
-    history_jobs = data["raw"]["stream-history"][0]["jobs"]
-    assert sum(j["sync_tokens"] for j in recite_jobs) > sum(j["sync_tokens"] for j in history_jobs)  # quotes trained
+    assert list(rows) == ["full", "truncation", "summary", "one-shot", "stream-history", "stream-plain"]
+    assert data["settings"]["streams"]["stream-plain"] == {"sync_recitation": "off", "losses": {"l1": 1}}
+    plain_jobs = [j for j in data["raw"]["stream-plain"][0]["jobs"] if j["kind"] == "round"]
+    default_jobs = [j for j in data["raw"]["stream-history"][0]["jobs"] if j["kind"] == "round"]
+    assert sum(j["sync_tokens"] for j in default_jobs) > sum(j["sync_tokens"] for j in plain_jobs)  # quotes trained
 
 
 def test_a_consolidating_stream_counts_its_seconds_but_not_its_tokens(tmp_path):
     argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
-            "--teachers", "history", "--variant", "cons", "consolidate_when_idle=0"]
+            "--teachers", "history", "--variant", "nocons", "consolidate_when_idle=null"]
     assert main(argv) == 0
     data = json.loads((tmp_path / "streaming.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    plain, cons = data["raw"]["stream-history"][0], data["raw"]["stream-cons"][0]
+    plain, cons = data["raw"]["stream-nocons"][0], data["raw"]["stream-history"][0]  # the default consolidates
     assert [j["kind"] for j in cons["jobs"]] == [j["kind"] for j in plain["jobs"]] + ["consolidation"]
     assert cons["jobs"][-1]["context_tokens"] > 0  # it re-taught the whole history ...
-    assert rows["stream-cons"]["absorbed_tokens"] == rows["stream-history"]["absorbed_tokens"]  # ... absorbed nothing
+    assert rows["stream-history"]["absorbed_tokens"] == rows["stream-nocons"]["absorbed_tokens"]  # ... absorbed nothing
     assert cons["seconds"] == pytest.approx(sum(j["seconds"] for j in cons["jobs"]))
     assert cons["seconds"] > sum(j["seconds"] for j in cons["jobs"][:-1])
 

@@ -5,7 +5,7 @@ from absorber_memory import AbsorberConfig, ConfigError
 
 def test_defaults_are_valid_and_round_trip():
     cfg = AbsorberConfig()
-    assert cfg.losses == {"l1": 1.0} and cfg.lora_rank == 16 and cfg.device == "auto"
+    assert cfg.losses == {"l1": 1.0, "logit_kl": 0.25} and cfg.lora_rank == 16 and cfg.device == "auto"
     again = AbsorberConfig(**cfg.model_dump(mode="json"))
     assert again == cfg
 

@@ -304,4 +304,4 @@ def test_the_setting_is_validated():
         AbsorberConfig(consolidate_when_idle=-1)
     with pytest.raises(ConfigError, match="consolidate_when_idle"):
         AbsorberConfig(consolidate_when_idle="soon")
-    assert AbsorberConfig().consolidate_when_idle is None
+    assert AbsorberConfig().consolidate_when_idle == 0  # by default, once a burst of rounds is done

@@ -69,7 +69,7 @@ def test_recited_turns_count_when_deciding_whether_the_history_fits(tokenizer):
     from .test_history_teacher import STREAM
 
     def kinds(mode: str) -> list[str]:
-        config = AbsorberConfig(**STREAM, context_tokens=240, sync_recitation=mode)
+        config = AbsorberConfig(**{**STREAM, "context_tokens": 240, "sync_recitation": mode})
         pm = ParametricMemory(tiny_model(tokenizer, seed=0), tokenizer=tokenizer, config=config)
         for k in range(8):
             pm.add_messages(turn(k))
