@@ -53,8 +53,18 @@ HELD_OUT_QUERIES: list[str] = [
     "What food am I allergic to?",
 ]
 
-# One-shot settings for this chat (its ~230 fact tokens absorbed in two rounds), used by the real-model tests.
-DEMO_SETTINGS: dict[str, Any] = dict(window_tokens=160, absorb_tokens=128, sync_tokens=64, show_progress=True)
+# Settings for this chat (its ~230 fact tokens absorbed in two rounds), used by the real-model integration tests.
+# They check the wiring and fidelity on the paper's plain recipe (L1, probe answers as sync text, no
+# consolidation), a third of the defaults' time; the defaults themselves are measured by the benchmarks.
+DEMO_SETTINGS: dict[str, Any] = dict(
+    window_tokens=160,
+    absorb_tokens=128,
+    sync_tokens=64,
+    show_progress=True,
+    sync_recitation="off",
+    losses={"l1": 1.0},
+    consolidate_when_idle=None,
+)
 
 SMALL_TALK: list[dict[str, str]] = [
     {"role": "user", "content": "Ursula Le Guin, mostly. Do you like short stories?"},
