@@ -19,6 +19,11 @@ from .probes import DEFAULT_PROBES
 
 #: Loss names `losses` accepts; see `absorber_memory.losses`.
 LOSS_NAMES = ("l1", "mse", "logit_kl", "lm")
+
+#: The paper's plain recipe, overriding the three defaults added on top of it: L1 on hidden states only,
+#: probe answers as the only sync text beside the following turns, no consolidation. A third of the
+#: defaults' absorption time, for throughput over recall (BENCHMARKS.md, "Consolidation on the reported sessions").
+PLAIN_RECIPE: dict[str, Any] = {"sync_recitation": "off", "losses": {"l1": 1.0}, "consolidate_when_idle": None}
 _SYNC_LOSSES = ("l1", "mse", "logit_kl")
 
 _OPS = {

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import PLAIN_RECIPE
+
 SYSTEM_PROMPT = "You are a friendly assistant who remembers what the user tells you."
 
 PERSONA_CHAT: list[dict[str, str]] = [
@@ -61,9 +63,7 @@ DEMO_SETTINGS: dict[str, Any] = dict(
     absorb_tokens=128,
     sync_tokens=64,
     show_progress=True,
-    sync_recitation="off",
-    losses={"l1": 1.0},
-    consolidate_when_idle=None,
+    **PLAIN_RECIPE,
 )
 
 SMALL_TALK: list[dict[str, str]] = [

@@ -15,11 +15,12 @@ import json
 import time
 
 from absorber_memory import AbsorberConfig, ParametricMemory, fidelity
+from absorber_memory.config import PLAIN_RECIPE
 from absorber_memory.demo import HELD_OUT_QUERIES, PERSONA_CHAT, SYSTEM_PROMPT
 from absorber_memory.models import DEFAULT_MODEL, load_model
 
 SETTINGS = {
-    "previous default": {"sync_recitation": "off", "losses": {"l1": 1.0}},
+    "previous default": PLAIN_RECIPE,
     "current default": {},
 }
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from absorber_memory import AbsorberConfig, ParametricMemory
+from absorber_memory.config import PLAIN_RECIPE
 from absorber_memory.models import absorber_home as _absorber_home
 from absorber_memory.testing import tiny_model, tiny_tokenizer
 
@@ -45,9 +46,7 @@ FAST = dict(
     probe_max_new_tokens=8,
     max_new_tokens=8,
     num_threads=1,
-    sync_recitation="off",
-    losses={"l1": 1.0},
-    consolidate_when_idle=None,
+    **PLAIN_RECIPE,
 )
 
 

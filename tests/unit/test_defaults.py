@@ -7,13 +7,14 @@ training budget shrunk, so the defaults themselves are what is exercised.
 from __future__ import annotations
 
 from absorber_memory import AbsorberConfig, AbsorberMemory
+from absorber_memory.config import PLAIN_RECIPE
 from absorber_memory.testing import tiny_model
 
 from ..conftest import SERVICE, turn
 from .test_sessions import check_invariants
 
 #: The service settings with the defaults this file is about left alone.
-AT_DEFAULTS = {k: v for k, v in SERVICE.items() if k not in ("sync_recitation", "losses", "consolidate_when_idle")}
+AT_DEFAULTS = {k: v for k, v in SERVICE.items() if k not in PLAIN_RECIPE}
 
 
 def test_the_defaults_are_the_measured_recall_setting():
@@ -34,7 +35,7 @@ def stream(tokenizer, tmp_path, name: str, **overrides) -> tuple[AbsorberMemory,
 
 def test_a_burst_at_the_defaults_recites_and_ends_with_one_consolidation(tokenizer, tmp_path):
     memory, added = stream(tokenizer, tmp_path, "defaults")
-    plain, _ = stream(tokenizer, tmp_path, "plain", sync_recitation="off", losses={"l1": 1.0}, consolidate_when_idle=None)
+    plain, _ = stream(tokenizer, tmp_path, "plain", **PLAIN_RECIPE)
     try:
         jobs, plain_jobs = memory.jobs("s"), plain.jobs("s")
         assert all(j.status == "done" for j in jobs)
