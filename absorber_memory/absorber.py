@@ -48,7 +48,7 @@ from . import losses
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
 from .errors import AbsorptionError
-from .generation import right_padded
+from .generation import SHARED_PREFIX_TOKENS, crop_cache, right_padded
 
 
 @dataclass
@@ -115,6 +115,14 @@ def _gather(states: tuple[torch.Tensor, ...], starts: list[int], lengths: list[i
     return [
         torch.cat([layer[row, s : s + n] for row, (s, n) in enumerate(zip(starts, lengths, strict=True))])
         for layer in states
+    ]
+
+
+def _gather_rows(rows: list[tuple[torch.Tensor, ...]], starts: list[int], lengths: list[int]) -> list[torch.Tensor]:
+    """`_gather` over rows that ran as separate forwards: `rows[i]` holds row i's layers, each `[1, T_i, H]`."""
+    return [
+        torch.cat([row[layer][0, s : s + n] for row, s, n in zip(rows, starts, lengths, strict=True)])
+        for layer in range(len(rows[0]))
     ]
 
 
@@ -246,18 +254,50 @@ class Absorber:
         keep = {} if logits else {"logits_to_keep": 1}
         return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep)
 
+    def _teacher_rows(self, batch: _Batch, want_logits: bool) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
+        """Per teacher row, its layers' states (and last, its logits) as `[1, T, .]` tensors, and where S starts.
+
+        Rows share `[prefix; C]`. When that is `SHARED_PREFIX_TOKENS` long or more and there are several
+        rows, it is read once into a KV cache and each row's S runs after it on its own (a long history
+        is then not read once per sync segment); otherwise the rows run as one right-padded batch.
+        """
+        shared = batch.teacher_starts[0]
+        rows = batch.teacher
+        if len(rows) > 1 and shared >= SHARED_PREFIX_TOKENS and all(len(r) > shared for r in rows):
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            head = torch.tensor([rows[0][:shared]], device=self.device)
+            self.model(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out_rows = []
+            keep = {} if want_logits else {"logits_to_keep": 1}
+            for row in rows:
+                ids = torch.tensor([row[shared:]], device=self.device)
+                out = self.model(
+                    input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True, **keep
+                )
+                out_rows.append((*out.hidden_states[1:], out.logits))
+                crop_cache(cache, shared)
+            return out_rows, [0] * len(rows)
+        out = self._forward(rows, want_logits)
+        layers = (*out.hidden_states[1:], out.logits)
+        return [tuple(t[i : i + 1] for t in layers) for i in range(len(rows))], batch.teacher_starts
+
     def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> _Targets:
         """Cached teacher states (and logits, if `logit_kl` is used) at S, computed once."""
         want_logits = self.config.losses.get("logit_kl", 0) > 0
         adapter_off = self.model.disable_adapter() if base_teacher else contextlib.nullcontext()
         with torch.no_grad(), adapter_off:
-            out = self._forward(batch.teacher, want_logits)
-        held_starts = [s + n for s, n in zip(batch.teacher_starts, batch.lengths, strict=True)]
+            rows, starts = self._teacher_rows(batch, want_logits)
+        held_starts = [s + n for s, n in zip(starts, batch.lengths, strict=True)]
+        states = _gather_rows([r[:-1] for r in rows], starts, batch.lengths)
+        held_states = _gather_rows([r[:-1] for r in rows], held_starts, batch.held)
+        logits = [r[-1:] for r in rows]
         return _Targets(
-            states=_gather(out.hidden_states[1:], batch.teacher_starts, batch.lengths),
-            logits=_gather((out.logits,), batch.teacher_starts, batch.lengths)[0] if want_logits else None,
-            held_states=_gather(out.hidden_states[1:], held_starts, batch.held),
-            held_logits=_gather((out.logits,), held_starts, batch.held)[0] if want_logits else None,
+            states=states,
+            logits=_gather_rows(logits, starts, batch.lengths)[0] if want_logits else None,
+            held_states=held_states,
+            held_logits=_gather_rows(logits, held_starts, batch.held)[0] if want_logits else None,
         )
 
     def _sync_loss(

@@ -27,7 +27,7 @@ from .absorber import Absorber, AbsorptionReport
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig, as_config, lora_config
 from .errors import ConfigError, InvalidMessageError
-from .generation import generate_batch_ids, generate_text
+from .generation import PromptCache, generate_batch_ids, generate_text
 from .jobs import StepCallback
 from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit, quiet_transformers
 from .persistence import load_adapter_weights, save_adapter
@@ -175,8 +175,10 @@ class AbsorptionEngine:
         ):
             kind, read, base_teacher = "history", history + context, True
 
+        chain = PromptCache()  # each chained probe extends the last prompt: read the history once
+
         def answer(question: list[Message]) -> str:
-            return self.generate(prefix, read + question, max_new, base=base_teacher)
+            return self.generate(prefix, read + question, max_new, base=base_teacher, cache=chain)
 
         def answer_all(questions: list[list[Message]]) -> list[str]:
             return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher)
@@ -287,12 +289,26 @@ class AbsorptionEngine:
         return self.model.disable_adapter() if base else contextlib.nullcontext()
 
     def generate(
-        self, prefix: list[Message], messages: list[Message], max_new_tokens: int, *, base: bool = False, **kwargs: Any
+        self,
+        prefix: list[Message],
+        messages: list[Message],
+        max_new_tokens: int,
+        *,
+        base: bool = False,
+        cache: PromptCache | None = None,
+        **kwargs: Any,
     ) -> str:
-        """Answer `messages` under `prefix` with the adapter on (or the frozen model, with `base`)."""
+        """Answer `messages` under `prefix` with the adapter on (or the frozen model, with `base`).
+
+        With `cache`, the prompt's start that the last generation through it already read is not read again
+        (the cache must only ever see one of the two model states).
+        """
         ids = self.fmt.encode(prefix, messages, add_generation_prompt=True)
         with self.scope(base):
-            return generate_text(self.model, self.tokenizer, ids, max_new_tokens, **kwargs)
+            if cache is None:
+                return generate_text(self.model, self.tokenizer, ids, max_new_tokens, **kwargs)
+            new = cache.generate_ids(self.model, self.tokenizer, ids, max_new_tokens, **kwargs)
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def generate_all(
         self, prefix: list[Message], conversations: list[list[Message]], max_new_tokens: int, *, base: bool = False

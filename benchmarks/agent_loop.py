@@ -66,6 +66,8 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
     memory.flush()
     drain_seconds = time.perf_counter() - drained
     jobs = [j for j in memory.jobs() if j.status == "done"]
+    rounds = [j for j in jobs if j.kind == "round"]
+    absorbed = sum(j.metrics.get("context_tokens", 0) for j in rounds)
     result = {
         "background_absorption": background,
         "turns": len(latencies),
@@ -76,6 +78,12 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
         "drain_seconds_after_loop": drain_seconds,
         "jobs_done": len(jobs),
         "mean_job_seconds": statistics.fmean([j.metrics["seconds"] for j in jobs]) if jobs else 0.0,
+        "rounds_done": len(rounds),
+        "consolidations_done": len(jobs) - len(rounds),
+        "absorption_seconds": sum(j.metrics["seconds"] for j in jobs),
+        "absorbed_tokens": absorbed,
+        # Absorbed tokens per second of wall time from the first turn until the backlog is drained.
+        "sustained_tokens_per_s": absorbed / (loop_seconds + drain_seconds) if background else 0.0,
         "max_backlog": max(b["pending_jobs"] for b in backlog),
         "backlog": backlog,
         "final_window_tokens": {f"user-{s}": memory.window_tokens(f"user-{s}") for s in range(sessions)},
@@ -142,6 +150,10 @@ def main() -> None:
         label = "background absorption" if r["background_absorption"] else "no absorption (window grows)"
         print(f"| {label} | {r['turn_p50_s']:.2f} | {r['turn_p95_s']:.2f} | {r['loop_seconds']:.0f} | "
               f"{r['max_backlog']} | {r['drain_seconds_after_loop']:.0f} |")
+    bg = runs[1]
+    print(f"background: {bg['rounds_done']} rounds + {bg['consolidations_done']} consolidations, "
+          f"{bg['absorption_seconds']:.0f} s of absorption, {bg['absorbed_tokens']} tokens absorbed, "
+          f"sustained {bg['sustained_tokens_per_s']:.2f} absorbed tokens / s over loop + drain")
     sw = runs[1].get("switch", {})
     if sw:
         print(f"adapter switch: warm {sw['warm_median_ms']:.2f} ms, cold (from disk) {sw['cold_median_ms']:.1f} ms")

@@ -232,3 +232,42 @@ def test_micro_batches_skip_the_padding_of_short_segments(make_memory, monkeypat
         pm.absorb(CONTEXT, sync)
         padded[budget] = sum(seen[1:])  # the student's forwards (the first is the teacher's)
     assert padded[1] < 0.5 * padded[100_000]  # the three short rows are no longer padded to the long one
+
+
+def test_a_long_shared_context_is_read_once_with_the_same_teacher_targets(make_memory, monkeypatch):
+    from absorber_memory import absorber
+
+    pm = make_memory(losses={"l1": 1.0, "logit_kl": 0.5})
+    context = CONTEXT * 4
+    segments = [chat(q, "I remember.") for q in QUERIES]
+    batch = pm.engine.absorber._plan([], context, segments, [0, 2, 0])
+    whole = pm.engine.absorber._teacher_targets(batch, base_teacher=True)
+    calls = []
+    real = pm.model.forward
+    monkeypatch.setattr(pm.model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or real(*a, **k))
+    monkeypatch.setattr(absorber, "SHARED_PREFIX_TOKENS", batch.teacher_starts[0])
+    cached = pm.engine.absorber._teacher_targets(batch, base_teacher=True)
+    shared = batch.teacher_starts[0]
+    # [prefix; C] once, then each row's S alone: no forward reads C a second time.
+    assert calls[0] == (1, shared) and [c[1] for c in calls[1:]] == [len(r) - shared for r in batch.teacher]
+    pairs = [*zip(whole.states, cached.states, strict=True), *zip(whole.held_states, cached.held_states, strict=True),
+             (whole.logits, cached.logits), (whole.held_logits, cached.held_logits)]
+    for a, b in pairs:
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_an_absorption_reading_its_context_once_trains_like_one_reading_it_per_segment(make_memory, monkeypatch):
+    from absorber_memory import absorber, generation
+
+    def run(threshold):
+        monkeypatch.setattr(absorber, "SHARED_PREFIX_TOKENS", threshold)
+        monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", threshold)
+        pm = make_memory(probe_count=4, losses={"l1": 1.0, "logit_kl": 0.25})
+        report = pm.absorb(CONTEXT * 3)
+        return report, [p.detach().clone() for p in trainable_lora_parameters(pm.model, "default")]
+
+    batched, batched_weights = run(10**9)
+    cached, cached_weights = run(1)
+    assert cached.steps == batched.steps and cached.sync_tokens == batched.sync_tokens
+    assert cached.loss_curve == pytest.approx(batched.loss_curve, rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batched_weights, cached_weights, strict=True))

@@ -100,3 +100,39 @@ def test_nothing_to_answer_is_a_clear_error_in_both_memories(make_service, make_
         memory.generate("   ", session_id="s")
     with pytest.raises(InvalidMessageError, match="nothing to answer: this memory has no messages"):
         make_memory().generate()
+
+
+def test_a_prompt_cache_gives_the_answers_of_fresh_prompts_reading_only_what_is_new(model, tokenizer):
+    from absorber_memory.generation import PromptCache
+
+    history = tokenizer("a long shared history " * 12)["input_ids"]
+    cache = PromptCache()
+    lengths = []
+    # A chain: each prompt extends the last prompt and its answer (what chained probes do), then a fork
+    # back to the shared history alone (what probes over the same history do), then an unrelated prompt.
+    first = history + tokenizer(" first question")["input_ids"]
+    answer = cache.generate_ids(model, tokenizer, first, 6)
+    lengths.append(cache.cache.get_seq_length())
+    chained = first + answer + tokenizer(" next question")["input_ids"]
+    fork = history + tokenizer(" other question")["input_ids"]
+    other = tokenizer("unrelated")["input_ids"]
+    for prompt in (chained, fork, other):
+        assert cache.generate_ids(model, tokenizer, prompt, 6) == generate_ids(model, tokenizer, prompt, 6)
+    assert len(answer) == 6 and answer == generate_ids(model, tokenizer, first, 6)
+    assert lengths == [len(first) + 5]  # the prompt and every answer token but the last one
+    assert cache.ids == other + generate_ids(model, tokenizer, other, 6)[:5]
+
+
+def test_prompts_sharing_a_long_start_run_from_one_cache_with_the_batch_answers(model, tokenizer, monkeypatch):
+    from absorber_memory import generation
+
+    history = tokenizer("the same long start " * 10)["input_ids"]
+    prompts = [history + tokenizer(q)["input_ids"] for q in (" one", " two words", " three more words")]
+    batched = generate_batch_ids(model, tokenizer, prompts, 6)  # shared start below the threshold: one batch
+    used = []
+    monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", len(history))
+    real = generation.PromptCache.generate_ids
+    monkeypatch.setattr(generation.PromptCache, "generate_ids",
+                        lambda self, *a, **k: used.append(1) or real(self, *a, **k))
+    assert generate_batch_ids(model, tokenizer, prompts, 6) == batched
+    assert len(used) == 3
