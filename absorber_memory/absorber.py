@@ -98,7 +98,7 @@ class _Batch:
 
 @dataclass
 class _Targets:
-    """The teacher's states (and logits, with `logit_kl`) at the trained and at the held-out tokens of S."""
+    """The teacher's states (and log-probabilities, with `logit_kl`) at the trained and at the held-out tokens of S."""
 
     states: list[torch.Tensor]
     logits: torch.Tensor | None
@@ -293,11 +293,11 @@ class Absorber:
         states = _gather_rows([r[:-1] for r in rows], starts, batch.lengths)
         held_states = _gather_rows([r[:-1] for r in rows], held_starts, batch.held)
         logits = [r[-1:] for r in rows]
-        return _Targets(
+        return _Targets(  # logits as log-probabilities, normalised once here rather than at every step
             states=states,
-            logits=_gather_rows(logits, starts, batch.lengths)[0] if want_logits else None,
+            logits=losses.log_probs(_gather_rows(logits, starts, batch.lengths)[0]) if want_logits else None,
             held_states=held_states,
-            held_logits=_gather_rows(logits, held_starts, batch.held)[0] if want_logits else None,
+            held_logits=losses.log_probs(_gather_rows(logits, held_starts, batch.held)[0]) if want_logits else None,
         )
 
     def _sync_loss(
@@ -321,7 +321,7 @@ class Absorber:
         }
         if logits is not None:
             own = _gather((out.logits,), starts, lengths)[0]
-            terms["logit_kl"] = losses.logit_kl_loss(own, logits, total_tokens=total)
+            terms["logit_kl"] = losses.logit_kl_loss(own, logits, total_tokens=total, teacher_normalized=True)
         return losses.weighted_sum(terms, self.config.losses)
 
     def _held_loss_part(

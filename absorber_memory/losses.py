@@ -61,16 +61,27 @@ def hidden_sync_loss(
 
 
 def logit_kl_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, total_tokens: int | None = None
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    total_tokens: int | None = None,
+    teacher_normalized: bool = False,
 ) -> torch.Tensor:
     """Mean per-token KL(teacher || student) of next-token distributions, `[T, V]` each.
 
     With `total_tokens`, the sum over these tokens divided by it (this part's share of a larger set).
+    With `teacher_normalized`, `teacher_logits` are already fp32 log-probabilities (`log_probs`), so a
+    caller that reuses them every step does not normalise them again.
     """
-    teacher_logp = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    teacher_logp = teacher_logits.detach() if teacher_normalized else log_probs(teacher_logits)
     student_logp = F.log_softmax(student_logits.float(), dim=-1)
     total = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
     return total / (student_logits.shape[0] if total_tokens is None else total_tokens)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities of next-token logits `[T, V]` (the teacher side of `logit_kl_loss`)."""
+    return F.log_softmax(logits.detach().float(), dim=-1)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,18 @@ def test_logit_kl_parts_add_up_to_the_whole():
         student[2:], teacher[2:], total_tokens=6
     )
     assert float(parts) == pytest.approx(float(whole), rel=1e-6)
+
+
+def test_logit_kl_from_log_probabilities_normalised_once_equals_from_logits():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(6, 5) * 3, torch.randn(6, 5, requires_grad=True)
+    from_logits = losses.logit_kl_loss(student, teacher)
+    normalised = losses.log_probs(teacher)
+    assert torch.allclose(normalised.exp().sum(-1), torch.ones(6))
+    assert float(losses.logit_kl_loss(student, normalised, teacher_normalized=True)) == pytest.approx(
+        float(from_logits), rel=1e-6
+    )
+    # Raw logits passed as if normalised are not normalised: the flag is what skips the work.
+    assert float(losses.logit_kl_loss(student, teacher, teacher_normalized=True)) != pytest.approx(
+        float(from_logits), rel=1e-3
+    )
