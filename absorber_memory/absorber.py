@@ -164,16 +164,24 @@ def segment_schedule(count: int, per_step: int | None, seed: int) -> Callable[[]
     return next_rows
 
 
+#: A row joins a micro-batch only if padding it to the batch's longest row adds at most this share of that width.
+_MOST_PADDING = 0.25
+
+
 def micro_batches(widths: list[int], rows: list[int], config: AbsorberConfig) -> list[list[int]]:
     """`rows` grouped for one student forward each: longest first, at most `micro_batch_tokens` padded tokens.
 
-    `widths[r]` is row r's full student length (prefix + S). Sorting by length keeps the padding of
-    each group small; a row longer than the budget runs alone.
+    `widths[r]` is row r's full student length (prefix + S). Rows go longest first; a row joins the
+    current group while the group stays within the budget and the row is at most `_MOST_PADDING`
+    shorter than the group's longest (one long recitation segment and eight short probes run as two
+    forwards, not as one that pads a probe to the long segment's width); a row longer than the budget
+    runs alone. A forward more costs far less than the padding: its fixed cost is a few milliseconds.
     """
     budget = config.micro_batch_tokens
     groups: list[list[int]] = []
     for row in sorted(rows, key=lambda r: -widths[r]):
-        if groups and widths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
+        width = widths[groups[-1][0]] if groups else 0
+        if groups and width * (len(groups[-1]) + 1) <= budget and widths[row] >= (1 - _MOST_PADDING) * width:
             groups[-1].append(row)
         else:
             groups.append([row])
@@ -244,14 +252,18 @@ class Absorber:
             held=held,
         )
 
-    def _forward(self, seqs: list[list[int]], logits: bool = True) -> Any:
+    def _forward(self, seqs: list[list[int]], logits: bool = True, logits_from: int = 0) -> Any:
         """Run a right-padded batch; without `logits` the LM head runs on one position only.
 
         Hidden-state losses never read logits, and skipping the vocabulary
-        projection saves about a fifth of a small model's compute.
+        projection saves about a fifth of a small model's compute. With
+        `logits_from`, logits cover positions `[logits_from, width)` only (the
+        losses never read the prefix's or C's): `out.logits` is then that much
+        narrower than the hidden states.
         """
         ids, mask = right_padded(seqs, self.fmt.tokenizer.pad_token_id or 0, self.device)
-        keep = {} if logits else {"logits_to_keep": 1}
+        keep = {"logits_to_keep": ids.shape[1] - logits_from} if logits and logits_from > 0 else {}
+        keep = keep if logits else {"logits_to_keep": 1}
         return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep)
 
     def _teacher_rows(self, batch: _Batch, want_logits: bool) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
@@ -259,7 +271,7 @@ class Absorber:
 
         Rows share `[prefix; C]`. When that is `SHARED_PREFIX_TOKENS` long or more and there are several
         rows, it is read once into a KV cache and each row's S runs after it on its own (a long history
-        is then not read once per sync segment); otherwise the rows run as one right-padded batch.
+        is then not read once per sync segment); otherwise the rows run in right-padded `micro_batches`.
         """
         shared = batch.teacher_starts[0]
         rows = batch.teacher
@@ -279,9 +291,13 @@ class Absorber:
                 out_rows.append((*out.hidden_states[1:], out.logits))
                 crop_cache(cache, shared)
             return out_rows, [0] * len(rows)
-        out = self._forward(rows, want_logits)
-        layers = (*out.hidden_states[1:], out.logits)
-        return [tuple(t[i : i + 1] for t in layers) for i in range(len(rows))], batch.teacher_starts
+        found: dict[int, tuple[torch.Tensor, ...]] = {}
+        for group in micro_batches([len(r) for r in rows], list(range(len(rows))), self.config):
+            first = min(batch.teacher_starts[r] for r in group)
+            out = self._forward([rows[r] for r in group], want_logits, logits_from=first)
+            layers = (*out.hidden_states[1:], out.logits)
+            found.update({r: tuple(t[i : i + 1] for t in layers) for i, r in enumerate(group)})
+        return [found[r] for r in range(len(rows))], batch.teacher_starts
 
     def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> _Targets:
         """Cached teacher states (and logits, if `logit_kl` is used) at S, computed once."""
@@ -293,11 +309,14 @@ class Absorber:
         states = _gather_rows([r[:-1] for r in rows], starts, batch.lengths)
         held_states = _gather_rows([r[:-1] for r in rows], held_starts, batch.held)
         logits = [r[-1:] for r in rows]
+        shifts = [r[0].shape[1] - r[-1].shape[1] for r in rows]  # logits may start after the states
+        logit_starts = [s - k for s, k in zip(starts, shifts, strict=True)]
+        logit_held = [s - k for s, k in zip(held_starts, shifts, strict=True)]
         return _Targets(  # logits as log-probabilities, normalised once here rather than at every step
             states=states,
-            logits=losses.log_probs(_gather_rows(logits, starts, batch.lengths)[0]) if want_logits else None,
+            logits=losses.log_probs(_gather_rows(logits, logit_starts, batch.lengths)[0]) if want_logits else None,
             held_states=held_states,
-            held_logits=losses.log_probs(_gather_rows(logits, held_starts, batch.held)[0]) if want_logits else None,
+            held_logits=losses.log_probs(_gather_rows(logits, logit_held, batch.held)[0]) if want_logits else None,
         )
 
     def _sync_loss(
@@ -320,7 +339,8 @@ class Absorber:
             for kind, sc in scales.items()
         }
         if logits is not None:
-            own = _gather((out.logits,), starts, lengths)[0]
+            shift = out.hidden_states[0].shape[1] - out.logits.shape[1]  # see `_forward(logits_from=...)`
+            own = _gather((out.logits,), [s - shift for s in starts], lengths)[0]
             terms["logit_kl"] = losses.logit_kl_loss(own, logits, total_tokens=total, teacher_normalized=True)
         return losses.weighted_sum(terms, self.config.losses)
 
@@ -356,7 +376,11 @@ class Absorber:
         widths = [len(seq) for seq in batch.student]
         with torch.no_grad():
             for group in micro_batches(widths, rows, self.config):
-                out = self._forward([batch.student[r] for r in group], targets.logits is not None)
+                out = self._forward(
+                    [batch.student[r] for r in group],
+                    targets.logits is not None,
+                    logits_from=min(batch.student_starts[r] for r in group),
+                )
                 value += self._held_loss_part(out, batch, group, targets, scales)
         return value
 
@@ -392,7 +416,11 @@ class Absorber:
             total = sum(batch.lengths[r] for r in rows)
             scales = self._hidden_scales([_rows(t, batch.lengths, rows) for t in targets.states])
             for group in micro_batches([len(batch.student[r]) for r in range(len(batch.student))], rows, self.config):
-                out = self._forward([batch.student[r] for r in group], targets.logits is not None)
+                out = self._forward(
+                    [batch.student[r] for r in group],
+                    targets.logits is not None,
+                    logits_from=min(batch.student_starts[r] for r in group),
+                )
                 loss = self._sync_loss(
                     out,
                     [batch.student_starts[r] for r in group],

@@ -67,7 +67,9 @@ def category(name: str, shapes: Any, vocab: int, rank: int) -> str:
 def profile(engine: AbsorptionEngine, losses: dict[str, float], steps: int) -> dict[str, Any]:
     engine.reconfigure(losses=losses, max_steps=steps, early_stopping_patience=0)
     prefix, context, segments = round_inputs()
+    began = time.perf_counter()
     engine.absorber.train(prefix, context, segments, base_teacher=True)  # warm-up
+    print(f"warm-up: {time.perf_counter() - began:.1f} s", flush=True)
     engine.reset_adapter()
     vocab = engine.model.get_base_model().config.vocab_size
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:

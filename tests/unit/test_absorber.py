@@ -168,13 +168,15 @@ def test_sync_batch_segments_trains_on_a_subset_per_step(make_memory, monkeypatc
         chat("Weather?", "Sunny in Lisbon."),
     ]
     pm = make_memory(sync_batch_segments=2, max_steps=12)
-    sizes = []
-    forward = pm.engine.absorber._forward
+    sizes, steps = [], []
+    forward, step = pm.engine.absorber._forward, pm.engine.absorber._step
     monkeypatch.setattr(
-        pm.engine.absorber, "_forward", lambda seqs, logits=True: sizes.append(len(seqs)) or forward(seqs, logits)
+        pm.engine.absorber, "_forward", lambda seqs, logits=True, **k: sizes.append(len(seqs)) or forward(seqs, logits, **k)
     )
+    monkeypatch.setattr(pm.engine.absorber, "_step", lambda b, t, a, rows, *r: steps.append(len(rows)) or step(b, t, a, rows, *r))
     report = pm.absorb(CONTEXT, sync)
-    assert sizes == [4] + [2] * 13  # one teacher pass over all four, then two per step (and the last check)
+    assert sizes[0] == 4 and sum(sizes[1:]) == 2 * 13  # one teacher pass over all four, then two rows per step
+    assert steps == [2] * 13  # (and the last check)
     assert report.sync_segments == 4 and report.final_loss < report.initial_loss
     full = make_memory(max_steps=12).absorb(CONTEXT, sync)
     assert full.loss_curve[0] != report.loss_curve[0]  # a subset's loss, not the whole batch's
@@ -189,9 +191,12 @@ def test_micro_batches_group_longest_first_under_the_token_budget():
     config = AbsorberConfig(micro_batch_tokens=100)
     widths = [10, 60, 30, 25, 120]
     groups = micro_batches(widths, [0, 1, 2, 3, 4], config)
-    assert groups == [[4], [1], [2, 3, 0]]  # 120 alone (over budget), 60 alone (2 x 60 > 100), 3 x 30 <= 100
+    # 120 alone (over budget), 60 alone (2 x 60 > 100), 25 joins 30 (padded by 5 of 30), 10 would be padded by
+    # two thirds of 30: it runs alone rather than be padded.
+    assert groups == [[4], [1], [2, 3], [0]]
     assert sorted(r for g in groups for r in g) == [0, 1, 2, 3, 4]
-    assert micro_batches(widths, [0, 3], config) == [[3, 0]]  # only the step's rows
+    assert micro_batches(widths, [0, 3], config) == [[3], [0]]  # only the step's rows
+    assert micro_batches([24, 20, 19, 18], [0, 1, 2, 3], config) == [[0, 1, 2, 3]]  # similar widths share a forward
 
 
 @pytest.mark.parametrize("losses_mix", [{"l1": 1.0}, {"mse": 0.5, "logit_kl": 1.0}])
@@ -219,19 +224,21 @@ def test_micro_batched_steps_equal_one_padded_batch(make_memory, losses_mix):
 def test_micro_batches_skip_the_padding_of_short_segments(make_memory, monkeypatch):
     long = chat("Tell me everything about Lisbon. " * 6, "It is a city of hills, trams and light. " * 6)
     sync = [long] + [chat("Hi", "Hello")] * 3
-    padded = {}
-    for budget in (100_000, 1):
-        pm = make_memory(micro_batch_tokens=budget, max_steps=2)
-        forward, seen = pm.engine.absorber._forward, []
+    pm = make_memory(max_steps=2)  # the default budget would fit all four rows padded to the long one
+    forward, seen = pm.engine.absorber._forward, []
 
-        def counting(seqs, logits=True, forward=forward, seen=seen):
-            seen.append(len(seqs) * max(len(s) for s in seqs))
-            return forward(seqs, logits)
+    def counting(seqs, logits=True, **kwargs):
+        seen.append((len(seqs) * max(len(s) for s in seqs), sum(len(s) for s in seqs)))
+        return forward(seqs, logits, **kwargs)
 
-        monkeypatch.setattr(pm.engine.absorber, "_forward", counting)
-        pm.absorb(CONTEXT, sync)
-        padded[budget] = sum(seen[1:])  # the student's forwards (the first is the teacher's)
-    assert padded[1] < 0.5 * padded[100_000]  # the three short rows are no longer padded to the long one
+    monkeypatch.setattr(pm.engine.absorber, "_forward", counting)
+    pm.absorb(CONTEXT, sync)
+    teacher, student = seen[:2], seen[2:]  # the teacher reads the rows once, grouped the same way
+    assert sum(p for p, _ in teacher) == sum(r for _, r in teacher)
+    padded, real = sum(p for p, _ in student), sum(r for _, r in student)
+    assert len(student) == 2 * 3  # per step (and the last check): the long row alone, the three short ones together
+    assert padded == real  # the three short rows are not padded to the long one
+    assert 4 * max(p for p, _ in student) > 2 * padded / 3  # one padded batch a step would read over twice as much
 
 
 def test_a_long_shared_context_is_read_once_with_the_same_teacher_targets(make_memory, monkeypatch):
@@ -271,3 +278,23 @@ def test_an_absorption_reading_its_context_once_trains_like_one_reading_it_per_s
     assert cached.steps == batched.steps and cached.sync_tokens == batched.sync_tokens
     assert cached.loss_curve == pytest.approx(batched.loss_curve, rel=1e-4)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batched_weights, cached_weights, strict=True))
+
+
+def test_logits_from_the_sync_start_give_the_loss_of_logits_everywhere(make_memory):
+    pm = make_memory(losses={"l1": 1.0, "logit_kl": 1.0})
+    ab = pm.engine.absorber
+    segments = [chat(q, "I remember that well.") for q in QUERIES]
+    batch = ab._plan([{"role": "system", "content": "Be kind."}], CONTEXT, segments, [0, 0, 0])
+    targets = ab._teacher_targets(batch, base_teacher=True)
+    rows = [0, 1, 2]
+    scales = ab._hidden_scales(targets.states)
+    seqs = [batch.student[r] for r in rows]
+    first = min(batch.student_starts)
+    assert first > 0
+    losses_ = []
+    for logits_from in (0, first):
+        out = ab._forward(seqs, True, logits_from=logits_from)
+        assert out.logits.shape[1] == max(map(len, seqs)) - logits_from
+        losses_.append(float(ab._sync_loss(out, [batch.student_starts[r] for r in rows], batch.lengths, targets.states,
+                                           targets.logits, scales, sum(batch.lengths))))
+    assert losses_[1] == pytest.approx(losses_[0], rel=1e-5) and losses_[0] > 0

@@ -1,0 +1,115 @@
+"""What one absorption round costs, before and after the round-cost changes, side by side in one process.
+
+Rounds over real session text (persona facts, then real chat from a long dev
+session): C of about 128, 1,024 and 3,072 tokens with the following turns in
+the window (a streaming round: recitation, chained probes), at the default
+settings with `--steps` training steps. Each case runs twice, alternating:
+
+- `before`: every sync segment's teacher row reads `[prefix; C]` again, so do
+  the probe answers; rows of any width share a micro-batch (padded to the
+  longest); logits are computed at every position;
+- `after` (the library now): `[prefix; C]` is read once into a KV cache when
+  it is 256 tokens or longer (teacher rows and probe answers); a row joins a
+  micro-batch only if padding adds at most a quarter; logits start at S.
+
+Prints teacher seconds, seconds per training step, the round at 30 steps
+(teacher + 30 steps, extrapolated from the measured step) and the initial loss
+of both (equal up to float rounding: same sync text and targets).
+
+    python benchmarks/round_cost.py --threads 2 --json bench-out/round_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from absorber_memory import absorber, generation
+from absorber_memory.bench.cli import LONG_STREAMING, STREAMING
+from absorber_memory.bench.streaming import agent_chats
+from absorber_memory.engine import AbsorptionEngine
+
+
+@contextlib.contextmanager
+def before_changes(engine: AbsorptionEngine) -> Iterator[None]:
+    """The former behaviour: no shared-prefix cache, any row joins a micro-batch, logits at every position."""
+    saved = absorber.SHARED_PREFIX_TOKENS, generation.SHARED_PREFIX_TOKENS, absorber._MOST_PADDING
+    forward = engine.absorber._forward
+    absorber.SHARED_PREFIX_TOKENS = generation.SHARED_PREFIX_TOKENS = 10**9
+    absorber._MOST_PADDING = 1.0
+    engine.absorber._forward = lambda seqs, logits=True, logits_from=0: forward(seqs, logits)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        absorber.SHARED_PREFIX_TOKENS, generation.SHARED_PREFIX_TOKENS, absorber._MOST_PADDING = saved
+        engine.absorber._forward = forward  # type: ignore[method-assign]
+
+
+def leading(engine: AbsorptionEngine, messages: list[dict[str, str]], tokens: int) -> int:
+    """How many leading messages hold about `tokens` tokens."""
+    total = 0
+    for k, m in enumerate(messages):
+        total += engine.fmt.count(m)
+        if total >= tokens:
+            return k + 1
+    return len(messages)
+
+
+def one_round(engine: AbsorptionEngine, chat: Any, count: int, steps: int) -> dict[str, Any]:
+    engine.reset_adapter()
+    following = chat.messages[count : count + leading(engine, chat.messages[count:], engine.config.sync_tokens)]
+    start = time.perf_counter()
+    report = engine.run_round(chat.prefix, chat.messages[:count], [], n_probes=engine.config.probe_count,
+                              following=following, base_teacher=True)
+    wall = time.perf_counter() - start
+    step = (wall - report.teacher_seconds) / (steps + 1)  # `steps` backward passes and one last loss check
+    return {"seconds": wall, "teacher_seconds": report.teacher_seconds, "step_seconds": step,
+            "round_at_30_steps": report.teacher_seconds + 31 * step, "initial_loss": report.initial_loss,
+            "sync_tokens": report.sync_tokens, "context_tokens": report.context_tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--tokens", type=int, nargs="*", default=[128, 1024, 3072])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    engine = AbsorptionEngine(config=dict(num_threads=args.threads, max_steps=args.steps))
+    st = STREAMING["full"]
+    chat = agent_chats(st["dev"], st["chat_messages"], chitchat_seed=1, queries=st["queries"],
+                       chats=LONG_STREAMING["full"]["chats"])[0]
+    rows = []
+    print("| C tokens | sync tokens | teacher s (before / after) | s per step (before / after) | "
+          "round at 30 steps, s (before / after) | initial loss (before / after) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for tokens in args.tokens:
+        count = leading(engine, chat.messages, tokens)
+        with before_changes(engine):
+            old = one_round(engine, chat, count, args.steps)
+        new = one_round(engine, chat, count, args.steps)
+        rows.append({"tokens": tokens, "before": old, "after": new})
+        print(f"| {new['context_tokens']} | {new['sync_tokens']} | {old['teacher_seconds']:.1f} / "
+              f"{new['teacher_seconds']:.1f} | {old['step_seconds']:.2f} / {new['step_seconds']:.2f} | "
+              f"{old['round_at_30_steps']:.0f} / {new['round_at_30_steps']:.0f} | "
+              f"{old['initial_loss']:.4f} / {new['initial_loss']:.4f} |", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": "python benchmarks/round_cost.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
+                                                                       if k != "json"),
+                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                "config": engine.config.model_dump(mode="json")}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
