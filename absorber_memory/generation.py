@@ -98,8 +98,10 @@ class PromptCache:
     history) then reads that context once rather than once per probe; with
     3k tokens of history and eight probes that is most of a round's teacher
     time. Answers equal those of fresh prompts up to float rounding (the
-    prompt is read in two pieces). One cache serves one model state: build a
-    new one when the adapter (or its being on or off) changes. Not thread-safe.
+    prompt is read in two pieces). A prompt that shares fewer than
+    `SHARED_PREFIX_TOKENS` with the cached one is read from scratch. One cache
+    serves one model state: build a new one when the adapter (or its being on
+    or off) changes. Not thread-safe.
     """
 
     def __init__(self) -> None:
@@ -113,7 +115,7 @@ class PromptCache:
         from transformers import DynamicCache
 
         keep = min(common_prefix(self.ids, input_ids), len(input_ids) - 1)  # at least one token is read anew
-        if self.cache is None or keep <= 0:
+        if self.cache is None or keep < max(1, SHARED_PREFIX_TOKENS):  # a short shared start: read it all anew
             self.cache = DynamicCache()
         else:
             crop_cache(self.cache, keep)

@@ -102,10 +102,12 @@ def test_nothing_to_answer_is_a_clear_error_in_both_memories(make_service, make_
         make_memory().generate()
 
 
-def test_a_prompt_cache_gives_the_answers_of_fresh_prompts_reading_only_what_is_new(model, tokenizer):
+def test_a_prompt_cache_gives_the_answers_of_fresh_prompts_reading_only_what_is_new(model, tokenizer, monkeypatch):
+    from absorber_memory import generation
     from absorber_memory.generation import PromptCache
 
     history = tokenizer("a long shared history " * 12)["input_ids"]
+    monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", len(history))
     cache = PromptCache()
     lengths = []
     # A chain: each prompt extends the last prompt and its answer (what chained probes do), then a fork
@@ -113,6 +115,16 @@ def test_a_prompt_cache_gives_the_answers_of_fresh_prompts_reading_only_what_is_
     first = history + tokenizer(" first question")["input_ids"]
     answer = cache.generate_ids(model, tokenizer, first, 6)
     lengths.append(cache.cache.get_seq_length())
+    reads = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: reads.append(k["input_ids"].shape[1]) or real(*a, **k))
+    cache.generate_ids(model, tokenizer, history + tokenizer(" a last question")["input_ids"], 2)
+    assert reads[0] < len(history)  # the shared history came from the cache; only the question was read
+    monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", len(history) + 50)
+    reads.clear()
+    cache.generate_ids(model, tokenizer, history + tokenizer(" one more")["input_ids"], 2)
+    assert reads[0] > len(history)  # a shared start below the threshold is read anew
+    monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", len(history))
     chained = first + answer + tokenizer(" next question")["input_ids"]
     fork = history + tokenizer(" other question")["input_ids"]
     other = tokenizer("unrelated")["input_ids"]
