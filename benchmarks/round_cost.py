@@ -104,8 +104,8 @@ def main() -> None:
               f"{old['initial_loss']:.4f} / {new['initial_loss']:.4f} |", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"command": "python benchmarks/round_cost.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
-                                                                       if k != "json"),
+        options = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
+        meta = {"command": "python benchmarks/round_cost.py " + " ".join(f"--{k} {v}" for k, v in options.items()),
                 "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "config": engine.config.model_dump(mode="json")}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
