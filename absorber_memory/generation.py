@@ -96,8 +96,8 @@ class PromptCache:
     Answering probes one after another over a long shared context (each probe
     of a chain after the absorbed history, or several probes after the same
     history) then reads that context once rather than once per probe; with
-    3k tokens of history and eight probes that is most of a round's teacher
-    time. Answers equal those of fresh prompts up to float rounding (the
+    3k tokens of history, eight chained probes and the teacher's own forward
+    read the same way, a round's teacher time halves. Answers equal those of fresh prompts up to float rounding (the
     prompt is read in two pieces). A prompt that shares fewer than
     `SHARED_PREFIX_TOKENS` with the cached one is read from scratch. One cache
     serves one model state: build a new one when the adapter (or its being on
