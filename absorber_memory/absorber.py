@@ -48,7 +48,7 @@ from . import losses
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
 from .errors import AbsorptionError
-from .generation import SHARED_PREFIX_TOKENS, crop_cache, right_padded
+from .generation import SHARED_PREFIX_TOKENS, PromptCache, common_prefix, crop_cache, right_padded
 
 
 @dataclass
@@ -266,21 +266,32 @@ class Absorber:
         keep = keep if logits else {"logits_to_keep": 1}
         return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep)
 
-    def _teacher_rows(self, batch: _Batch, want_logits: bool) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
+    def _teacher_rows(
+        self, batch: _Batch, want_logits: bool, read: PromptCache | None = None
+    ) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
         """Per teacher row, its layers' states (and last, its logits) as `[1, T, .]` tensors, and where S starts.
 
-        Rows share `[prefix; C]`. When that is `SHARED_PREFIX_TOKENS` long or more and there are several
-        rows, it is read once into a KV cache and each row's S runs after it on its own (a long history
-        is then not read once per sync segment); otherwise the rows run in right-padded `micro_batches`.
+        Rows share `[prefix; C]`. When that is `SHARED_PREFIX_TOKENS` long or more, it is read once into a
+        KV cache and each row's S runs after it on its own (a long history is then not read once per sync
+        segment); otherwise the rows run in right-padded `micro_batches`. A `read` cache whose tokens start
+        with `[prefix; C]` (the teacher's probe answers just read it, in the same model state) supplies
+        that KV cache, so even a single row does not read C again; it is cropped to `[prefix; C]`.
         """
         shared = batch.teacher_starts[0]
         rows = batch.teacher
-        if len(rows) > 1 and shared >= SHARED_PREFIX_TOKENS and all(len(r) > shared for r in rows):
+        long_shared = shared >= SHARED_PREFIX_TOKENS and all(len(r) > shared for r in rows)
+        cache = None
+        if long_shared and read is not None and read.cache is not None:
+            if common_prefix(read.ids, rows[0][:shared]) == shared:
+                cache, read.ids = read.cache, read.ids[:shared]
+                crop_cache(cache, shared)
+        if cache is None and long_shared and len(rows) > 1:
             from transformers import DynamicCache
 
             cache = DynamicCache()
             head = torch.tensor([rows[0][:shared]], device=self.device)
             self.model(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if cache is not None:
             out_rows = []
             keep = {} if want_logits else {"logits_to_keep": 1}
             for row in rows:
@@ -299,12 +310,12 @@ class Absorber:
             found.update({r: tuple(t[i : i + 1] for t in layers) for i, r in enumerate(group)})
         return [found[r] for r in range(len(rows))], batch.teacher_starts
 
-    def _teacher_targets(self, batch: _Batch, base_teacher: bool) -> _Targets:
-        """Cached teacher states (and logits, if `logit_kl` is used) at S, computed once."""
+    def _teacher_targets(self, batch: _Batch, base_teacher: bool, read: PromptCache | None = None) -> _Targets:
+        """Teacher states (and logits, if `logit_kl` is used) at S, computed once; `read`: see `_teacher_rows`."""
         want_logits = self.config.losses.get("logit_kl", 0) > 0
         adapter_off = self.model.disable_adapter() if base_teacher else contextlib.nullcontext()
         with torch.no_grad(), adapter_off:
-            rows, starts = self._teacher_rows(batch, want_logits)
+            rows, starts = self._teacher_rows(batch, want_logits, read)
         held_starts = [s + n for s, n in zip(starts, batch.lengths, strict=True)]
         states = _gather_rows([r[:-1] for r in rows], starts, batch.lengths)
         held_states = _gather_rows([r[:-1] for r in rows], held_starts, batch.held)
@@ -456,6 +467,7 @@ class Absorber:
         teacher_seconds: float = 0.0,
         on_step: Callable[[int, float], None] | None = None,
         holdout: list[int] | None = None,
+        read: PromptCache | None = None,
     ) -> AbsorptionReport:
         """Train the active adapter so `[prefix; S]` behaves like `[prefix; C; S]`.
 
@@ -469,6 +481,9 @@ class Absorber:
             on_step: called as `on_step(step, loss)` after each loss; may raise to cancel.
             holdout: per segment, how many of its last messages are held out of training to measure
                 the held-out loss for `early_stopping_patience` (None: none).
+            read: the cache through which the teacher (same model state: frozen with `base_teacher`, else
+                the adapter as it stands) answered this round's probes; when its tokens start with
+                `[prefix; C]`, the teacher's targets continue from it instead of reading C again.
         """
         cfg = self.config
         adapter = self.model.active_adapter
@@ -488,7 +503,7 @@ class Absorber:
             raise AbsorptionError("every sync token is held out: nothing is left to train on")
         targets = None
         if segments and cfg.sync_losses():
-            targets = self._teacher_targets(batch, base_teacher)
+            targets = self._teacher_targets(batch, base_teacher, read)
         teacher_seconds += time.perf_counter() - start
 
         held_rows = [r for r, n in enumerate(batch.held) if n > 0]

@@ -181,7 +181,7 @@ class AbsorptionEngine:
             return self.generate(prefix, read + question, max_new, base=base_teacher, cache=chain)
 
         def answer_all(questions: list[list[Message]]) -> list[str]:
-            return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher)
+            return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher, cache=chain)
 
         segments = list(segments or []) + recited
         held = held_out_probes(self.config, len(prompts))
@@ -202,6 +202,7 @@ class AbsorptionEngine:
             teacher_seconds=time.perf_counter() - start,
             on_step=on_step,
             holdout=holdout,
+            read=chain,  # the probe answers' cache holds [prefix; read]: the targets do not read it again
         )
         report.teacher, report.teacher_context_tokens = kind, report.context_tokens
         report.context_tokens = len(self.fmt.encode_segments(context))
@@ -311,12 +312,21 @@ class AbsorptionEngine:
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def generate_all(
-        self, prefix: list[Message], conversations: list[list[Message]], max_new_tokens: int, *, base: bool = False
+        self,
+        prefix: list[Message],
+        conversations: list[list[Message]],
+        max_new_tokens: int,
+        *,
+        base: bool = False,
+        cache: PromptCache | None = None,
     ) -> list[str]:
-        """`generate` for several conversations at once (greedy, one left-padded batch)."""
+        """`generate` for several conversations at once (greedy, one left-padded batch).
+
+        Conversations sharing a long start run one by one through `cache` (see `generate_batch_ids`).
+        """
         ids = [self.fmt.encode(prefix, messages, add_generation_prompt=True) for messages in conversations]
         with self.scope(base):
-            new = generate_batch_ids(self.model, self.tokenizer, ids, max_new_tokens)
+            new = generate_batch_ids(self.model, self.tokenizer, ids, max_new_tokens, cache=cache)
         return [self.tokenizer.decode(n, skip_special_tokens=True) for n in new]
 
 

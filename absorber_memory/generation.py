@@ -97,8 +97,10 @@ class PromptCache:
     of a chain after the absorbed history, or several probes after the same
     history) then reads that context once rather than once per probe; with
     3k tokens of history, eight chained probes and the teacher's own forward
-    read the same way, a round's teacher time halves. Answers equal those of fresh prompts up to float rounding (the
-    prompt is read in two pieces). A prompt that shares fewer than
+    read the same way, a round's teacher time halves. The teacher's targets
+    then continue from the same cache (`Absorber.train(read=...)`). Answers
+    equal those of fresh prompts up to float rounding (the prompt is read in
+    two pieces). A prompt that shares fewer than
     `SHARED_PREFIX_TOKENS` with the cached one is read from scratch. One cache
     serves one model state: build a new one when the adapter (or its being on
     or off) changes. Not thread-safe.
@@ -137,6 +139,7 @@ def generate_batch_ids(
     prompts: list[list[int]],
     max_new_tokens: int,
     max_batch_tokens: int = 8192,
+    cache: PromptCache | None = None,
     **kwargs: Any,
 ) -> list[list[int]]:
     """`generate_ids` for several prompts, run as left-padded batches; results in prompt order.
@@ -148,14 +151,14 @@ def generate_batch_ids(
     prompt tokens (a single longer prompt runs alone), which bounds the
     KV-cache memory when the context is long. Prompts that all start with the
     same `SHARED_PREFIX_TOKENS` or more run one by one from a `PromptCache`
-    instead, reading that shared start once.
+    instead (`cache`, or a new one), reading that shared start once.
     """
     if not prompts:
         return []
     shared = min(common_prefix(prompts[0], p) for p in prompts)
     if len(prompts) > 1 and shared >= SHARED_PREFIX_TOKENS:
-        cache = PromptCache()
-        return [cache.generate_ids(model, tokenizer, p, max_new_tokens, **kwargs) for p in prompts]
+        reader = cache if cache is not None else PromptCache()
+        return [reader.generate_ids(model, tokenizer, p, max_new_tokens, **kwargs) for p in prompts]
     device = next(model.parameters()).device
     settings = _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens, **kwargs})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

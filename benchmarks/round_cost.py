@@ -12,6 +12,11 @@ settings with `--steps` training steps. Each case runs twice, alternating:
   it is 256 tokens or longer (teacher rows and probe answers); a row joins a
   micro-batch only if padding adds at most a quarter; logits start at S.
 
+With `--before reuse`, the `before` arm differs from the library in one
+change only: the teacher's targets read `[prefix; C]` again rather than
+continuing from the KV cache the probe answers left (`Absorber.train(read=)`).
+`--set KEY=VALUE` overrides the settings (values as JSON, e.g. `probe_count=4`).
+
 Prints teacher seconds, seconds per training step, the round at 30 steps
 (teacher + 30 steps, extrapolated from the measured step) and the initial loss
 of both (equal up to float rounding: same sync text and targets).
@@ -53,6 +58,17 @@ def before_changes(engine: AbsorptionEngine) -> Iterator[None]:
         engine.absorber._forward = forward  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def without_reuse(engine: AbsorptionEngine) -> Iterator[None]:
+    """The teacher's targets read `[prefix; C]` anew instead of continuing from the probe answers' cache."""
+    train = engine.absorber.train
+    engine.absorber.train = lambda *a, read=None, **k: train(*a, **k)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        engine.absorber.train = train  # type: ignore[method-assign]
+
+
 def leading(engine: AbsorptionEngine, messages: list[dict[str, str]], tokens: int) -> int:
     """How many leading messages hold about `tokens` tokens."""
     total = 0
@@ -81,10 +97,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tokens", type=int, nargs="*", default=[128, 1024, 3072])
+    parser.add_argument("--before", choices=["all", "reuse"], default="all",
+                        help="what the `before` arm switches off: every round-cost change, or the targets' reuse")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings, values as JSON")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engine = AbsorptionEngine(config=dict(num_threads=args.threads, max_steps=args.steps))
+    extra = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    engine = AbsorptionEngine(config=dict(num_threads=args.threads, max_steps=args.steps, **extra))
+    arm = before_changes if args.before == "all" else without_reuse
     st = STREAMING["full"]
     chat = agent_chats(st["dev"], st["chat_messages"], chitchat_seed=1, queries=st["queries"],
                        chats=LONG_STREAMING["full"]["chats"])[0]
@@ -94,7 +121,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for tokens in args.tokens:
         count = leading(engine, chat.messages, tokens)
-        with before_changes(engine):
+        with arm(engine):
             old = one_round(engine, chat, count, args.steps)
         new = one_round(engine, chat, count, args.steps)
         rows.append({"tokens": tokens, "before": old, "after": new})

@@ -280,6 +280,56 @@ def test_an_absorption_reading_its_context_once_trains_like_one_reading_it_per_s
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batched_weights, cached_weights, strict=True))
 
 
+def test_a_streaming_round_reads_its_context_once_for_probe_answers_and_targets(make_memory, monkeypatch):
+    from absorber_memory import absorber, generation
+
+    following = chat("Let us talk about the weather.", "It is sunny today.")
+
+    def run(reuse):
+        monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", 1)
+        monkeypatch.setattr(absorber, "SHARED_PREFIX_TOKENS", 1 if reuse else 10**9)
+        pm = make_memory(probe_count=3, losses={"l1": 1.0, "logit_kl": 0.25})
+        reads, targets = [], []
+        real_forward, real_targets = pm.model.forward, pm.engine.absorber._teacher_targets
+        monkeypatch.setattr(pm.model, "forward",
+                            lambda *a, **k: reads.append(k["input_ids"].shape) or real_forward(*a, **k))
+        monkeypatch.setattr(pm.engine.absorber, "_teacher_targets",
+                            lambda *a: targets.append(len(reads)) or real_targets(*a))
+        report = pm.engine.run_round([], CONTEXT * 3, n_probes=3, following=following, base_teacher=True)
+        weights = [p.detach().clone() for p in trainable_lora_parameters(pm.model, "default")]
+        plan = pm.engine.absorber._plan([], CONTEXT * 3, [[]], [0])
+        return report, weights, reads[targets[0]], plan.teacher_starts[0]
+
+    fresh, fresh_weights, fresh_read, shared = run(reuse=False)
+    cached, cached_weights, cached_read, _ = run(reuse=True)
+    # One sync segment (the chained probes): the targets' forward reads C again unless it continues from the
+    # cache the probe answers left; then it reads only S.
+    assert fresh_read[1] == shared + fresh.sync_tokens
+    assert cached_read == (1, cached.sync_tokens)
+    assert cached.sync_tokens == fresh.sync_tokens and cached.steps == fresh.steps
+    assert cached.loss_curve == pytest.approx(fresh.loss_curve, rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh_weights, cached_weights, strict=True))
+
+
+def test_a_cache_that_did_not_read_the_context_is_not_used_for_the_targets(make_memory, monkeypatch):
+    from absorber_memory import absorber
+    from absorber_memory.generation import PromptCache
+
+    monkeypatch.setattr(absorber, "SHARED_PREFIX_TOKENS", 1)
+    pm = make_memory(losses={"l1": 1.0, "logit_kl": 0.5})
+    ab = pm.engine.absorber
+    batch = ab._plan([], CONTEXT * 3, [chat(QUERIES[0], "I remember.")], [0])
+    whole = ab._teacher_targets(batch, base_teacher=True)
+    other = PromptCache()
+    tok = pm.engine.tokenizer
+    other.generate_ids(pm.model, tok, tok("something else entirely")["input_ids"], 3)
+    before = list(other.ids)
+    targets = ab._teacher_targets(batch, base_teacher=True, read=other)
+    assert other.ids == before  # neither used nor cropped
+    for a, b in [*zip(whole.states, targets.states, strict=True), (whole.logits, targets.logits)]:
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_logits_from_the_sync_start_give_the_loss_of_logits_everywhere(make_memory):
     pm = make_memory(losses={"l1": 1.0, "logit_kl": 1.0})
     ab = pm.engine.absorber
