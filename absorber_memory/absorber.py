@@ -48,7 +48,7 @@ from . import losses
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
 from .errors import AbsorptionError
-from .generation import SHARED_PREFIX_TOKENS, PromptCache, common_prefix, crop_cache, right_padded
+from .generation import SHARED_PREFIX_TOKENS, PromptCache, cache_kwargs, common_prefix, crop_cache, right_padded
 
 
 @dataclass
@@ -290,14 +290,14 @@ class Absorber:
 
             cache = DynamicCache()
             head = torch.tensor([rows[0][:shared]], device=self.device)
-            self.model(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=head, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
         if cache is not None:
             out_rows = []
             keep = {} if want_logits else {"logits_to_keep": 1}
             for row in rows:
                 ids = torch.tensor([row[shared:]], device=self.device)
                 out = self.model(
-                    input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True, **keep
+                    input_ids=ids, **cache_kwargs(self.model, cache), use_cache=True, output_hidden_states=True, **keep
                 )
                 out_rows.append((*out.hidden_states[1:], out.logits))
                 crop_cache(cache, shared)

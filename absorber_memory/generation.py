@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -83,6 +84,23 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+_CACHE_KEYWORDS: dict[type, str] = {}  # per model class: the keyword its forward takes a KV cache by
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """`{keyword: cache}` for passing a KV cache to `model`'s forward or `generate`.
+
+    Transformers 5.24 renamed `past_key_values` to `cache` (the old name warns and goes in 5.40 for
+    forward, 6.0 for generate); the keyword is the one the base model's forward declares, so both
+    older and newer versions run without warnings. A PEFT model is looked through to its base model.
+    """
+    kind = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if kind not in _CACHE_KEYWORDS:
+        declared = inspect.signature(kind.forward).parameters
+        _CACHE_KEYWORDS[kind] = "cache" if "cache" in declared else "past_key_values"
+    return {_CACHE_KEYWORDS[kind]: cache}
+
+
 def crop_cache(cache: Any, length: int) -> None:
     """Shorten a KV cache to its first `length` tokens (a negative `crop` works in transformers 4.x and 5.x)."""
     extra = cache.get_seq_length() - length
@@ -126,7 +144,7 @@ class PromptCache:
         settings = _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens, **kwargs})
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache, **settings
+                input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, self.cache), **settings
             )
         tokens = out[0].tolist()
         self.ids = tokens[: self.cache.get_seq_length()]  # the last generated token was never read

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..generation import cache_kwargs
 from .data import haystack_text
 
 PREFILL_CHUNK = 1024
@@ -99,18 +100,19 @@ def decode_timing(model: Any, ids: list[int], new_tokens: int) -> dict[str, floa
 
     device = next(model.parameters()).device
     cache, logits = DynamicCache(), torch.empty(0)
+    reuse = cache_kwargs(model, cache)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         start = time.perf_counter()
         for begin in range(0, len(ids), PREFILL_CHUNK):
             chunk = torch.tensor([ids[begin : begin + PREFILL_CHUNK]], device=device)
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=chunk, **reuse, use_cache=True).logits
         sync()
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(new_tokens):
             token = logits[:, -1:].argmax(-1)
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, **reuse, use_cache=True).logits
         sync()
         decode = time.perf_counter() - start
     return {"prefill_s": prefill, "ms_per_token": 1000 * decode / new_tokens}

@@ -148,3 +148,40 @@ def test_prompts_sharing_a_long_start_run_from_one_cache_with_the_batch_answers(
                         lambda self, *a, **k: used.append(1) or real(self, *a, **k))
     assert generate_batch_ids(model, tokenizer, prompts, 6) == batched
     assert len(used) == 3
+
+
+def test_a_kv_cache_goes_by_the_keyword_the_model_declares():
+    from absorber_memory.generation import cache_kwargs
+
+    class Older:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    class Newer:
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    class Wrapped:  # a PEFT model: looked through to its base model
+        def get_base_model(self):
+            return Newer()
+
+        def forward(self, *args, **kwargs): ...
+
+    marker = object()
+    assert cache_kwargs(Older(), marker) == {"past_key_values": marker}
+    assert cache_kwargs(Newer(), marker) == {"cache": marker}
+    assert cache_kwargs(Wrapped(), marker) == {"cache": marker}
+
+
+def test_cached_generation_and_targets_raise_no_deprecation_warning(make_memory, monkeypatch):
+    import warnings
+
+    from absorber_memory import absorber, generation
+
+    monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", 1)
+    monkeypatch.setattr(absorber, "SHARED_PREFIX_TOKENS", 1)
+    pm = make_memory(probe_count=2)
+    context = [{"role": "user", "content": "My cat is called Miso."}, {"role": "assistant", "content": "Nice!"}] * 3
+    following = [{"role": "user", "content": "What a day."}, {"role": "assistant", "content": "Indeed."}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers warns of a renamed keyword this way
+        report = pm.engine.run_round([], context, n_probes=2, following=following, base_teacher=True)
+    assert report.steps > 0 and report.sync_tokens > 0
