@@ -281,11 +281,10 @@ class Absorber:
         rows = batch.teacher
         long_shared = shared >= SHARED_PREFIX_TOKENS and all(len(r) > shared for r in rows)
         cache = None
-        if long_shared and read is not None and read.cache is not None:
-            if common_prefix(read.ids, rows[0][:shared]) == shared:
-                cache, read.ids = read.cache, read.ids[:shared]
-                crop_cache(cache, shared)
-        if cache is None and long_shared and len(rows) > 1:
+        if long_shared and read is not None and common_prefix(read.ids, rows[0][:shared]) == shared:
+            cache, read.ids = read.cache, read.ids[:shared]
+            crop_cache(cache, shared)
+        elif long_shared and len(rows) > 1:
             from transformers import DynamicCache
 
             cache = DynamicCache()
@@ -294,11 +293,10 @@ class Absorber:
         if cache is not None:
             out_rows = []
             keep = {} if want_logits else {"logits_to_keep": 1}
+            with_cache = cache_kwargs(self.model, cache)
             for row in rows:
                 ids = torch.tensor([row[shared:]], device=self.device)
-                out = self.model(
-                    input_ids=ids, **cache_kwargs(self.model, cache), use_cache=True, output_hidden_states=True, **keep
-                )
+                out = self.model(input_ids=ids, **with_cache, use_cache=True, output_hidden_states=True, **keep)
                 out_rows.append((*out.hidden_states[1:], out.logits))
                 crop_cache(cache, shared)
             return out_rows, [0] * len(rows)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from absorber_memory import absorber, generation
-from absorber_memory.bench.cli import LONG_STREAMING, STREAMING
+from absorber_memory.bench.cli import LONG_STREAMING, STREAMING, parse_overrides
 from absorber_memory.bench.streaming import agent_chats
 from absorber_memory.engine import AbsorptionEngine
 
@@ -103,13 +103,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    extra = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
+    extra = parse_overrides(args.set)
     engine = AbsorptionEngine(config=dict(num_threads=args.threads, max_steps=args.steps, **extra))
     arm = before_changes if args.before == "all" else without_reuse
     st = STREAMING["full"]
