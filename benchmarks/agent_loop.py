@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from absorber_memory import AbsorberConfig, AbsorberMemory, load_model
+from absorber_memory.bench.cli import parse_overrides
 from absorber_memory.layout import session_key
 from absorber_memory.testing import tiny_model_and_tokenizer
 
@@ -129,9 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = dict(window_tokens=160, absorb_tokens=96, sync_tokens=64, max_steps=10, probe_count=4,
                     probe_max_new_tokens=16, max_new_tokens=24, max_loaded_adapters=2)
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        settings[key] = json.loads(value)
+    settings.update(parse_overrides(args.set))
     if args.tiny:
         settings.update(window_tokens=60, absorb_tokens=30, sync_tokens=30)
 
