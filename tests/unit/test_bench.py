@@ -147,6 +147,19 @@ def test_agent_loop_script_runs_on_the_tiny_model(tmp_path):
     assert data and "adapter switch" in done.stdout
 
 
+def test_agent_loop_script_names_a_bad_set_pair():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/agent_loop.py", "--tiny", "--set", "max_steps"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    assert "--set: expected KEY=VALUE, got 'max_steps'" in done.stderr
+
+
 def test_cued_questions_end_their_prompt_with_the_answer_start(make_memory):
     from absorber_memory.bench.methods import query_prompt
     from absorber_memory.bench.streaming import agent_chats
