@@ -7,8 +7,8 @@ window are C and the last turns that fit `--window` tokens stay in the prompt. P
   model to the full-context model along its answers, as `bench streaming` scores it);
 - `window_kl`: the per-token KL(with C || without C) of the frozen model over the window's own turns;
 - `round_logit_kl` and `round_l1`: the step-0 loss of a one-shot round (the frozen model teaching, the
-  window's first turns and the probes as sync text) with logit KL alone and with L1 alone, the numbers
-  a round has in hand before its first update.
+  window's first `--sync` tokens of turns and the probes as sync text) with logit KL alone and with L1
+  alone, the numbers a round has in hand before its first update.
 
 A signal worth gating absorption on ranks the sessions as `truncation_kl` does.
 
@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[100, 101, 102, 103, 104, 105])
     parser.add_argument("--window", type=int, default=256, help="tokens of recent turns kept in the prompt")
+    parser.add_argument("--sync", type=int, default=256, help="tokens of the window's first turns a round trains on")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
             "truncation_kl": trunc["kl_sum"] / trunc["tokens"],
             "window_kl": window_kl(engine, chat.prefix, context, window),
         }
-        following = capped(engine, window, engine.config.sync_tokens)
+        following = capped(engine, window, args.sync)
         for name, losses in (("round_logit_kl", {"logit_kl": 1.0}), ("round_l1", {"l1": 1.0})):
             engine.reconfigure(losses=losses)
             report = engine.run_round(
@@ -88,7 +89,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"window": args.window, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"window": args.window, "sync": args.sync, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
