@@ -22,13 +22,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from absorber_memory.bench.data import Conversation
 from absorber_memory.bench.experiments import capped
 from absorber_memory.bench.methods import references, score
 from absorber_memory.bench.streaming import agent_chats
 from absorber_memory.engine import AbsorptionEngine
+from absorber_memory.losses import logit_kl_loss
 from absorber_memory.models import DEFAULT_MODEL
 
 
@@ -48,9 +48,9 @@ def window_kl(engine: AbsorptionEngine, prefix: list, context: list, window: lis
     n = len(without) - len(engine.fmt.encode(prefix, []))
     device = next(engine.model.parameters()).device
     with torch.no_grad(), engine.adapter_disabled():
-        a = engine.model(input_ids=torch.tensor([with_c], device=device)).logits[0, -n:-1].float()
-        b = engine.model(input_ids=torch.tensor([without], device=device)).logits[0, -n:-1].float()
-    return float(F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="sum")) / (n - 1)
+        a = engine.model(input_ids=torch.tensor([with_c], device=device)).logits[0, -n:-1]
+        b = engine.model(input_ids=torch.tensor([without], device=device)).logits[0, -n:-1]
+    return float(logit_kl_loss(b, a))
 
 
 def main() -> None:
