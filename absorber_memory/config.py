@@ -151,6 +151,14 @@ class AbsorberConfig(BaseModel):
         "(`AbsorberMemory.consolidate`); 0 = as soon as its queue is empty, None = never.",
     )
 
+    consolidation_sync: Literal["window", "head"] = Field(
+        "window",
+        description="Turns a consolidation's sync text starts with, before its probes: `window` = every turn still "
+        "in the prompt, so the adapter learns what the absorbed turns do as far back as they now sit (a round "
+        "trains right after them, and over-applies them once the window has grown); `head` = the window's oldest "
+        "turns up to `sync_tokens`, as a round does.",
+    )
+
     # --- generation ------------------------------------------------------------
     max_new_tokens: int = Field(128, gt=0, description="Default answer length for `generate`.")
 

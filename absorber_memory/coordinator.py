@@ -30,7 +30,7 @@ from .layout import SessionLayout
 from .probes import recitation_tokens
 from .queue import AbsorptionQueue, JobHandle
 from .store import JobRow, Store, StoredMessage
-from .stream import leading_fit, plan_absorption, teacher_tokens
+from .stream import consolidation_following, plan_absorption, teacher_tokens
 
 log = logging.getLogger("absorber_memory.sessions")
 
@@ -130,9 +130,11 @@ class JobCoordinator:
         """Queue a consolidation of the session: one round that re-teaches everything absorbed.
 
         The frozen model reading every absorbed message teaches (probe answers included), the student
-        continues from the committed adapter, and S starts with the window's oldest turns (up to
-        `sync_tokens`); no message is absorbed, so the window does not change. It spends spare compute
-        where streaming loses fidelity: rounds stop undertrained, and chained rounds forget early ones.
+        continues from the committed adapter, and S starts with the window's turns (all of them, or the
+        oldest up to `sync_tokens`: `consolidation_sync`); no message is absorbed, so the window does not
+        change. It spends spare compute where streaming loses fidelity: rounds stop undertrained, chained
+        rounds forget early ones, and a round trained right after its turns over-applies them once the
+        window has grown.
         Stored as a job with no messages (`JobRow.consolidation`), so it survives restarts like any job.
 
         Returns the pending consolidation's handle (an already queued one is reused), or None when nothing
@@ -161,12 +163,14 @@ class JobCoordinator:
     def _consolidation(self, stored: list[StoredMessage]) -> tuple[list[Message], list[Message], list[Message]]:
         """A consolidation's `(prefix, C = every absorbed message, following)` from a session's stored messages.
 
-        The following turns are the window's oldest, whole messages up to `sync_tokens`.
+        The following turns are the whole window, or its oldest whole messages up to `sync_tokens`
+        (`consolidation_sync`).
         """
         prefix = [m.as_chat() for m in stored if m.role == "system"]
         history = [m.as_chat() for m in stored if m.absorbed and m.role != "system"]
         window = [m.as_chat() for m in stored if not m.absorbed and m.role != "system"]
-        following = window[: leading_fit([self.fmt.count(m) for m in window], self.config.sync_tokens)]
+        counts = [self.fmt.count(m) for m in window]
+        following = window[: consolidation_following(counts, self.config.consolidation_sync, self.config.sync_tokens)]
         return prefix, history, following
 
     def _too_long(self, prefix: list[Message], history: list[Message], following: list[Message]) -> str | None:

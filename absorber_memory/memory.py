@@ -31,7 +31,7 @@ from .jobs import StepCallback
 from .models import DEFAULT_MODEL, identity_mismatch
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
 from .recall import Recalled, recall_answers
-from .stream import leading_fit, plan_absorption
+from .stream import consolidation_following, plan_absorption
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,11 @@ class ParametricMemory:
         """Re-teach the adapter everything absorbed from the transcript in one round (`engine.consolidate`).
 
         The frozen model reading every absorbed turn teaches, the student continues from the current
-        adapter, and S starts with the window's oldest turns (up to `sync_tokens`); nothing new is
-        absorbed and the window is unchanged. For idle time: streaming rounds stop undertrained, and the
-        chained teacher (or one that no longer fits) loses early rounds. Returns None when nothing has
-        been absorbed yet.
+        adapter, and S starts with the window's turns (all of them, or the oldest up to `sync_tokens`:
+        `consolidation_sync`); nothing new is absorbed and the window is unchanged. For idle time:
+        streaming rounds stop undertrained, the chained teacher (or one that no longer fits) loses early
+        rounds, and a round trained right after its turns over-applies them once the window has grown.
+        Returns None when nothing has been absorbed yet.
 
         Raises:
             ConfigError: the absorbed turns do not fit the model's context (nothing is trained).
@@ -228,7 +229,8 @@ class ParametricMemory:
         if not self._absorbed:
             return None
         window = self._transcript[self._absorbed :]
-        following = window[: leading_fit([self.fmt.count(m) for m in window], self.config.sync_tokens)]
+        counts = [self.fmt.count(m) for m in window]
+        following = window[: consolidation_following(counts, self.config.consolidation_sync, self.config.sync_tokens)]
         report = self.engine.consolidate(
             self._prefix, self._transcript[: self._absorbed], following, round_index=len(self._log)
         )

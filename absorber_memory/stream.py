@@ -107,6 +107,19 @@ def teacher_tokens(prefix_tokens: int, message_tokens: int, probes: int, answer_
     return prefix_tokens + message_tokens + probes * (PROBE_QUESTION_TOKENS + answer_tokens) + extra
 
 
+def consolidation_following(counts: list[int], mode: str, sync_tokens: int) -> int:
+    """How many of the window's oldest messages a consolidation's sync text starts with (`consolidation_sync`).
+
+    `window`: all of them, so the probes sit where the next question will, after the whole window;
+    `head`: those that fit `sync_tokens` together, as a round's following turns do.
+    """
+    if mode == "window":
+        return len(counts)
+    if mode == "head":
+        return leading_fit(counts, sync_tokens)
+    raise ValueError(f"`consolidation_sync` must be 'window' or 'head', got {mode!r}")
+
+
 def leading_fit(counts: list[int], budget: int) -> int:
     """How many of the first messages fit in `budget` tokens together (whole messages, stopping at the first misfit)."""
     used = 0

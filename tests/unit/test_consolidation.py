@@ -305,3 +305,69 @@ def test_the_setting_is_validated():
     with pytest.raises(ConfigError, match="consolidate_when_idle"):
         AbsorberConfig(consolidate_when_idle="soon")
     assert AbsorberConfig().consolidate_when_idle == 0  # by default, once a burst of rounds is done
+
+
+# --- what a consolidation's sync text starts with (`consolidation_sync`) ----------------------
+def test_consolidation_following_takes_the_whole_window_or_its_head():
+    from absorber_memory.stream import consolidation_following
+
+    assert consolidation_following([10, 20, 5], "window", 25) == 3
+    assert consolidation_following([10, 20, 5], "head", 25) == 1
+    assert consolidation_following([], "window", 25) == 0
+    with pytest.raises(ValueError, match="consolidation_sync"):
+        consolidation_following([10], "tail", 25)
+
+
+@pytest.mark.parametrize("mode", ["window", "head"])
+def test_parametric_consolidation_syncs_on_the_window_it_is_told_to(tokenizer, monkeypatch, mode):
+    pm = streamed(tokenizer, "history", 0, turns=4)
+    pm.config.consolidation_sync = mode  # a setting read when consolidating; the adapter stays
+    seen = []
+    real = pm.engine.consolidate
+
+    def spy(prefix, history, following=None, **kw):
+        seen.append(list(following or []))
+        return real(prefix, history, following, **kw)
+
+    monkeypatch.setattr(pm.engine, "consolidate", spy)
+    window = list(pm.window)
+    head = window[: leading_fit([pm.fmt.count(m) for m in window], pm.config.sync_tokens)]
+    assert len(head) < len(window)  # the case tells the two apart
+    pm.consolidate()
+    assert seen == [window if mode == "window" else head]
+
+
+class Recording:
+    """Wraps an executor and records each job's spec."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.specs = inner, []
+
+    def run(self, spec, on_step):
+        self.specs.append(spec)
+        return self.inner.run(spec, on_step)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("mode", ["window", "head"])
+def test_service_consolidation_syncs_on_the_window_it_is_told_to(make_service, mode):
+    recorder: list[Recording] = []
+    memory = make_service(wrap=lambda inner: recorder.append(Recording(inner)) or recorder[0], consolidation_sync=mode)
+    ids = added_turns(memory, "s", range(5))
+    memory.flush()
+    window = [m.as_chat() for m in memory.window("s")]
+    head = window[: leading_fit([memory.fmt.count(m) for m in window], memory.config.sync_tokens)]
+    assert len(head) < len(window)
+    memory.consolidate("s").result(timeout=60)
+    (spec,) = [s for s in recorder[0].specs if s.consolidation]
+    assert spec.following == (window if mode == "window" else head)
+    check_invariants(memory, "s", ids)
+    absorbed_once(memory, "s")
+
+
+def test_consolidation_sync_is_validated():
+    with pytest.raises(ConfigError, match="consolidation_sync"):
+        AbsorberConfig(consolidation_sync="tail")
+    assert AbsorberConfig().consolidation_sync == "window"

@@ -1,0 +1,94 @@
+"""Does a round trained right after C over-apply it once the window has grown? (tuning data, not reported)
+
+A streaming round trains on the turns right after C (the window's first `--sync` tokens) and probes
+after them, so its adapter learns what C does to text close to it. Questions asked later come after
+a longer window, where the full-context model leans on C less. On long dev sessions (persona facts,
+then 12 real chats, about 4k tokens), with the last `--window` tokens of turns kept in the prompt and
+the rest as C, per session (plain recipe: L1 on hidden states, probes, no recitation):
+
+- `truncation`: the window only, no adapter;
+- `near`: one round, frozen teacher, sync text = the window's first `--sync` tokens of turns and the
+  probes (what a streaming round sees);
+- `near+far`: `near`, then one consolidation whose sync text is the whole window and the probes after
+  it (`engine.consolidate(following=window)`), the student continuing from `near`'s adapter;
+- `far`: one round from a fresh adapter with the whole window and the probes as sync text.
+
+Each is scored as `bench streaming` scores it: per-token KL to the full-context model along its
+answers to the held-out questions, and the gap closed against truncation.
+
+    python benchmarks/dev_window_distance.py --sessions 100 101 102 103 --window 1024 --json bench-out/distance.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from absorber_memory.bench.data import Conversation
+from absorber_memory.bench.experiments import capped
+from absorber_memory.bench.methods import references, score
+from absorber_memory.bench.streaming import agent_chats
+from absorber_memory.engine import AbsorptionEngine
+from absorber_memory.models import DEFAULT_MODEL
+from absorber_memory.stream import fit_window
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, nargs="+", default=[100, 101, 102, 103])
+    parser.add_argument("--window", type=int, default=1024, help="tokens of recent turns kept in the prompt")
+    parser.add_argument("--sync", type=int, default=128, help="tokens of the window's first turns a round trains on")
+    parser.add_argument("--arms", nargs="+", default=["near", "near+far", "far"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    engine = AbsorptionEngine(
+        DEFAULT_MODEL,
+        config=dict(num_threads=args.threads, show_progress=False, sync_recitation="off", losses={"l1": 1.0}),
+    )
+    rows = []
+    for chat in agent_chats(args.sessions, 14, chitchat_seed=1, queries=6, chats=12):
+        messages = chat.messages
+        start = fit_window([engine.fmt.count(m) for m in messages], [m["role"] for m in messages], args.window)
+        context, window = messages[:start], messages[start:]
+        conv = Conversation(chat.name, "agent", context, window, chat.queries, chat.keywords, chat.prefix, chat.cues)
+        refs = references(engine, conv, 24)
+
+        def kl(result: dict) -> float:
+            return result["kl_sum"] / result["tokens"]
+
+        trunc = kl(score(engine, conv, refs, chat.prefix, with_context=False, adapter=False, max_new_tokens=24))
+        row: dict = {
+            "chat": chat.name,
+            "context_tokens": len(engine.fmt.encode([], context)),
+            "window_tokens": sum(engine.fmt.count(m) for m in window),
+            "truncation_kl": trunc,
+        }
+        near = capped(engine, window, args.sync)
+        n = engine.config.probe_count
+        for arm in args.arms:
+            engine.reset_adapter()
+            began = time.perf_counter()
+            if arm in ("near", "near+far"):
+                engine.run_round(chat.prefix, context, [], n_probes=n, following=near, base_teacher=True)
+            if arm == "near+far":
+                engine.consolidate(chat.prefix, context, following=window)
+            if arm == "far":
+                engine.run_round(chat.prefix, context, [], n_probes=n, following=window, base_teacher=True)
+            seconds = time.perf_counter() - began
+            value = kl(score(engine, conv, refs, chat.prefix, with_context=False, adapter=True, max_new_tokens=24))
+            row[arm] = {"kl": value, "gap_closed": 1 - value / trunc, "seconds": seconds}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"window": args.window, "sync": args.sync, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
