@@ -151,6 +151,14 @@ class AbsorberConfig(BaseModel):
         "(`AbsorberMemory.consolidate`); 0 = as soon as its queue is empty, None = never.",
     )
 
+    reconsolidate_tokens: int | None = Field(
+        None,
+        gt=0,
+        le=1_000_000,
+        description="AbsorberMemory, with `consolidate_when_idle`: consolidate again, once idle, when this many "
+        "tokens of turns have come into the window since the adapter was last taught (its last round or "
+        "consolidation), so it follows the absorbed turns as they sit further back (None: only after rounds).",
+    )
     consolidation_sync: Literal["window", "head"] = Field(
         "window",
         description="Turns a consolidation's sync text starts with, before its probes: `window` = every turn still "

@@ -65,6 +65,9 @@ class JobCoordinator:
         self.queue: AbsorptionQueue | None = None
         self._specs: dict[int, JobSpec] = {}
         self._idle: dict[str, threading.Timer] = {}  # session -> timer that consolidates it when it stays idle
+        # session -> newest message id when its committed adapter's job was prepared (what that job could read)
+        self._taught: dict[str, int] = {}
+        self._read: dict[int, int] = {}  # running job -> newest message id of its session when prepared
 
     def start(self, executor: Executor, workers: int) -> AbsorptionQueue:
         """Start the queue's workers, resubmit stored pending jobs, and (with `auto_absorb`) plan every session.
@@ -120,6 +123,7 @@ class JobCoordinator:
                 rounds.append(([m.id for m in free[: plan.absorb]], [m.id for m in following]))
                 free = free[plan.absorb :]
             if not rounds:
+                self._reconsolidate_if_grown(session_id, claimed)
                 return []
             job_ids = self.store.insert_jobs(session_id, rounds)
             log.info("session %r: queued absorption jobs %s", session_id, job_ids)
@@ -193,6 +197,25 @@ class JobCoordinator:
             f"more than the model's context ({self.limit} tokens)"
         )
 
+    def _reconsolidate_if_grown(self, session_id: str, claimed: list[int]) -> None:
+        """With `reconsolidate_tokens`, consolidate (as after a round) once the window has grown that much.
+
+        Counts the window's tokens newer than what the committed adapter's last job could read; nothing
+        happens while a job is pending (`claimed`), before the first commit, or before one since a restart.
+        """
+        cfg = self.config
+        if cfg.reconsolidate_tokens is None or cfg.consolidate_when_idle is None or claimed:
+            return
+        taught, session = self._taught.get(session_id), self.store.session(session_id)
+        if taught is None or session is None or session.adapter_version is None:
+            return
+        if self.store.jobs(session_id, PENDING):
+            return
+        new = [m for m in self.store.messages(session_id, window_only=True) if m.id > taught and m.role != "system"]
+        if sum(self.fmt.count(m.as_chat()) for m in new) >= cfg.reconsolidate_tokens:
+            self._taught[session_id] = max(m.id for m in new)  # once per growth, whatever the consolidation does
+            self._after_round(session_id, session.adapter_version)
+
     def _after_round(self, session_id: str, version: int) -> None:
         """With `consolidate_when_idle`, consolidate the session once it has stayed idle that long after a round."""
         delay = self.config.consolidate_when_idle
@@ -254,6 +277,7 @@ class JobCoordinator:
         """Cancel the session's jobs, then delete its rows and folders; returns whether it existed."""
         if (timer := self._idle.pop(session_id, None)) is not None:
             timer.cancel()
+        self._taught.pop(session_id, None)
         self._queue().cancel_session(session_id, "session forgotten")
         with self.lock:
             existed = self.store.delete_session(session_id)
@@ -320,6 +344,7 @@ class JobCoordinator:
                 round_index=session.rounds,
             )
             self._specs[job_id] = spec
+            self._read[job_id] = max((m.id for m in stored), default=0)
         return spec
 
     def commit(self, job_id: int, result: JobResult) -> None:
@@ -336,6 +361,7 @@ class JobCoordinator:
                 self.layout.remove_version(spec.session_id, result.version)
                 raise JobCancelled(f"job {job_id}: its session changed while it ran; result discarded")
             commit_version(self.store, self.layout, job, result.version, result.report, spec.base_version)
+            self._taught[spec.session_id] = self._read.pop(job_id, 0)
             if not job.consolidation:
                 self._after_round(spec.session_id, result.version)
 
@@ -343,6 +369,7 @@ class JobCoordinator:
         """Record a job that did not commit: interrupted by `close` (back to queued), failed or cancelled."""
         with self.lock:
             spec = self._specs.pop(job_id, None)
+            self._read.pop(job_id, None)
             if spec is not None:
                 self.layout.remove_version(spec.session_id, spec.version)
             job = self.store.job(job_id)

@@ -106,7 +106,9 @@ def test_text_absorbed_outside_the_transcript_is_not_consolidated_away(make_memo
 
 
 def test_a_history_too_long_for_the_context_is_refused_untouched(make_memory):
-    pm = make_memory(window_tokens=60, absorb_tokens=30, sync_tokens=30, streaming_teacher="chained", context_tokens=240)
+    pm = make_memory(
+        window_tokens=60, absorb_tokens=30, sync_tokens=30, streaming_teacher="chained", context_tokens=240
+    )
     for k in range(8):
         pm.add_messages(turn(k))
     refused_untouched(pm, ConfigError, "do not fit")
@@ -371,3 +373,45 @@ def test_consolidation_sync_is_validated():
     with pytest.raises(ConfigError, match="consolidation_sync"):
         AbsorberConfig(consolidation_sync="tail")
     assert AbsorberConfig().consolidation_sync == "window"
+
+
+# --- consolidating again as the window grows (`reconsolidate_tokens`) -------------------------
+SHORT = {"role": "user", "content": "Nice weather today, right?"}
+
+
+def consolidations(memory, session: str) -> int:
+    return sum(j.kind == "consolidation" for j in memory.jobs(session))
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_grown_window_is_consolidated_again(make_service, tokenizer, grow):
+    from absorber_memory.chat import ChatFormat
+
+    short = ChatFormat(tokenizer).count(SHORT)
+    memory = make_service(
+        window_tokens=400,
+        absorb_tokens=70,
+        sync_tokens=70,
+        consolidate_when_idle=0,
+        reconsolidate_tokens=2 * short if grow else None,
+    )
+    ids = added_turns(memory, "s", range(6))
+    memory.flush()
+    assert memory.jobs("s")[-1].kind == "consolidation"  # the burst's own consolidation
+    rounds, before = len(memory.jobs("s")) - consolidations(memory, "s"), consolidations(memory, "s")
+    for k, grown in enumerate([0, 1, 1]):  # growth since the last teaching: 1, 2 (consolidate), then 1 again
+        ids += memory.add_messages([SHORT], session_id="s")
+        memory.flush()
+        assert consolidations(memory, "s") == before + (grown if grow else 0), k
+    assert len(memory.jobs("s")) - consolidations(memory, "s") == rounds  # the window never overflowed
+    assert all(j.status == "done" for j in memory.jobs("s"))
+    check_invariants(memory, "s", ids)
+    absorbed_once(memory, "s")
+
+
+def test_reconsolidate_tokens_is_validated():
+    with pytest.raises(ConfigError, match="reconsolidate_tokens"):
+        AbsorberConfig(reconsolidate_tokens=0)
+    with pytest.raises(ConfigError, match="reconsolidate_tokens"):
+        AbsorberConfig(reconsolidate_tokens="lots")
+    assert AbsorberConfig().reconsolidate_tokens is None
