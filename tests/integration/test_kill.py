@@ -95,7 +95,8 @@ def test_sigkill_at_a_random_moment_loses_no_acknowledged_message(seed, tmp_path
     KILL_PHASES[seed] = phases[-1] if phases else "start"
     acked = {i for e in events for i in e.get("acked", [])}
 
-    memory = make_service(data_dir=data_dir)
+    box = {}  # jobs resume at once on reopen; hold them at their first step while we look at the folders
+    memory = make_service(data_dir=data_dir, wrap=lambda ex: box.setdefault("ex", Controlled(ex, hold=True)))
     stored = {sid: [m.id for m in memory.transcript(sid)] for sid in memory.sessions()}
     everything = {i for ids in stored.values() for i in ids}
     assert acked <= everything  # every acknowledged message survived
@@ -106,6 +107,7 @@ def test_sigkill_at_a_random_moment_loses_no_acknowledged_message(seed, tmp_path
         if folder is not None:
             assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no torn or stray versions
         memory.generate(QUESTION, session_id=sid)  # the committed adapter loads (shapes and values checked)
+    box["ex"].gate.set()
     assert all(j.status == "done" for j in memory.flush())
     for sid, ids in stored.items():
         check_invariants(memory, sid, ids)
