@@ -123,7 +123,7 @@ class JobCoordinator:
                 rounds.append(([m.id for m in free[: plan.absorb]], [m.id for m in following]))
                 free = free[plan.absorb :]
             if not rounds:
-                self._reconsolidate_if_grown(session_id, claimed)
+                self._reconsolidate_if_grown(session_id)
                 return []
             job_ids = self.store.insert_jobs(session_id, rounds)
             log.info("session %r: queued absorption jobs %s", session_id, job_ids)
@@ -173,8 +173,8 @@ class JobCoordinator:
         prefix = [m.as_chat() for m in stored if m.role == "system"]
         history = [m.as_chat() for m in stored if m.absorbed and m.role != "system"]
         window = [m.as_chat() for m in stored if not m.absorbed and m.role != "system"]
-        counts = [self.fmt.count(m) for m in window]
-        following = window[: consolidation_following(counts, self.config.consolidation_sync, self.config.sync_tokens)]
+        cfg = self.config
+        following = consolidation_following(window, self.fmt.count, cfg.consolidation_sync, cfg.sync_tokens)
         return prefix, history, following
 
     def _too_long(self, prefix: list[Message], history: list[Message], following: list[Message]) -> str | None:
@@ -197,14 +197,14 @@ class JobCoordinator:
             f"more than the model's context ({self.limit} tokens)"
         )
 
-    def _reconsolidate_if_grown(self, session_id: str, claimed: list[int]) -> None:
+    def _reconsolidate_if_grown(self, session_id: str) -> None:
         """With `reconsolidate_tokens`, consolidate (as after a round) once the window has grown that much.
 
         Counts the window's tokens newer than what the committed adapter's last job could read; nothing
-        happens while a job is pending (`claimed`), before the first commit, or before one since a restart.
+        happens while a job is pending, before the first commit, or before one since a restart.
         """
         cfg = self.config
-        if cfg.reconsolidate_tokens is None or cfg.consolidate_when_idle is None or claimed:
+        if cfg.reconsolidate_tokens is None or cfg.consolidate_when_idle is None:
             return
         taught, session = self._taught.get(session_id), self.store.session(session_id)
         if taught is None or session is None or session.adapter_version is None:

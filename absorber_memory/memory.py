@@ -229,8 +229,8 @@ class ParametricMemory:
         if not self._absorbed:
             return None
         window = self._transcript[self._absorbed :]
-        counts = [self.fmt.count(m) for m in window]
-        following = window[: consolidation_following(counts, self.config.consolidation_sync, self.config.sync_tokens)]
+        cfg = self.config
+        following = consolidation_following(window, self.fmt.count, cfg.consolidation_sync, cfg.sync_tokens)
         report = self.engine.consolidate(
             self._prefix, self._transcript[: self._absorbed], following, round_index=len(self._log)
         )

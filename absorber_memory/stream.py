@@ -21,7 +21,10 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from .chat import Message
 
 
 @dataclass(frozen=True)
@@ -107,16 +110,18 @@ def teacher_tokens(prefix_tokens: int, message_tokens: int, probes: int, answer_
     return prefix_tokens + message_tokens + probes * (PROBE_QUESTION_TOKENS + answer_tokens) + extra
 
 
-def consolidation_following(counts: list[int], mode: str, sync_tokens: int) -> int:
-    """How many of the window's oldest messages a consolidation's sync text starts with (`consolidation_sync`).
+def consolidation_following(
+    window: list[Message], count: Callable[[Message], int], mode: str, sync_tokens: int
+) -> list[Message]:
+    """The window's oldest messages a consolidation's sync text starts with (`consolidation_sync`).
 
     `window`: all of them, so the probes sit where the next question will, after the whole window;
-    `head`: those that fit `sync_tokens` together, as a round's following turns do.
+    `head`: those that fit `sync_tokens` together, as a round's following turns do (`count` tokens a message).
     """
     if mode == "window":
-        return len(counts)
+        return list(window)
     if mode == "head":
-        return leading_fit(counts, sync_tokens)
+        return window[: leading_fit([count(m) for m in window], sync_tokens)]
     raise ValueError(f"`consolidation_sync` must be 'window' or 'head', got {mode!r}")
 
 

@@ -313,11 +313,17 @@ def test_the_setting_is_validated():
 def test_consolidation_following_takes_the_whole_window_or_its_head():
     from absorber_memory.stream import consolidation_following
 
-    assert consolidation_following([10, 20, 5], "window", 25) == 3
-    assert consolidation_following([10, 20, 5], "head", 25) == 1
-    assert consolidation_following([], "window", 25) == 0
+    sizes = {"a": 10, "b": 20, "c": 5}
+    window = [{"role": "user", "content": k} for k in sizes]
+
+    def count(m):
+        return sizes[m["content"]]
+
+    assert consolidation_following(window, count, "window", 25) == window
+    assert consolidation_following(window, count, "head", 25) == window[:1]
+    assert consolidation_following([], count, "window", 25) == []
     with pytest.raises(ValueError, match="consolidation_sync"):
-        consolidation_following([10], "tail", 25)
+        consolidation_following(window, count, "tail", 25)
 
 
 @pytest.mark.parametrize("mode", ["window", "head"])
