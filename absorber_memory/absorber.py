@@ -466,6 +466,7 @@ class Absorber:
         on_step: Callable[[int, float], None] | None = None,
         holdout: list[int] | None = None,
         read: PromptCache | None = None,
+        max_steps: int | None = None,
     ) -> AbsorptionReport:
         """Train the active adapter so `[prefix; S]` behaves like `[prefix; C; S]`.
 
@@ -482,8 +483,12 @@ class Absorber:
             read: the cache through which the teacher (same model state: frozen with `base_teacher`, else
                 the adapter as it stands) answered this round's probes; when its tokens start with
                 `[prefix; C]`, the teacher's targets continue from it instead of reading C again.
+            max_steps: most optimizer steps (None: `config.max_steps`).
         """
         cfg = self.config
+        steps = cfg.max_steps if max_steps is None else max_steps
+        if steps < 1:
+            raise ValueError(f"`max_steps` must be at least 1, got {steps}")
         adapter = self.model.active_adapter
         params = trainable_lora_parameters(self.model, adapter)
         if not segments and cfg.sync_losses():
@@ -515,12 +520,12 @@ class Absorber:
         held_curve: list[float] = []
         stopped_by = "max_steps"
         schedule = segment_schedule(len(train_rows), cfg.sync_batch_segments, cfg.seed)
-        bar = tqdm(total=cfg.max_steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
+        bar = tqdm(total=steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
-            for step in range(cfg.max_steps + 1):
+            for step in range(steps + 1):
                 optimizer.zero_grad(set_to_none=True)
                 rows = [train_rows[i] for i in schedule()]
-                value, held, covered = self._step(batch, targets, adapter, rows, step < cfg.max_steps, held_scales)
+                value, held, covered = self._step(batch, targets, adapter, rows, step < steps, held_scales)
                 if not math.isfinite(value):
                     raise AbsorptionError(f"loss became {value} at step {step}; adapter rolled back")
                 curve.append(value)
@@ -538,7 +543,7 @@ class Absorber:
                 if value < cfg.loss_threshold:
                     stopped_by = "threshold"
                     break
-                if step == cfg.max_steps:
+                if step == steps:
                     break
                 # Clip (or with clipping off, only measure): a non-finite norm means exploding gradients.
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))

@@ -166,6 +166,13 @@ class AbsorberConfig(BaseModel):
         "trains right after them, and over-applies them once the window has grown); `head` = the window's oldest "
         "turns up to `sync_tokens`, as a round does.",
     )
+    consolidation_steps: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Most optimizer steps of a consolidation (None: `max_steps`). It continues from an adapter "
+        "the rounds already trained, so it may need fewer steps than a round.",
+    )
 
     # --- generation ------------------------------------------------------------
     max_new_tokens: int = Field(128, gt=0, description="Default answer length for `generate`.")

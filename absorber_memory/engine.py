@@ -143,6 +143,7 @@ class AbsorptionEngine:
         history: list[Message] | None = None,
         round_index: int = 0,
         on_step: StepCallback | None = None,
+        max_steps: int | None = None,
     ) -> AbsorptionReport:
         """Absorb `context` into the adapter: probe answers from the teacher, then Algorithm 1.
 
@@ -161,6 +162,7 @@ class AbsorptionEngine:
                 included) and the student continues from the current adapter; otherwise the current
                 adapter reading C alone teaches (the chained teacher).
             on_step: `on_step(step, loss)` after each loss; may raise to cancel (the adapter rolls back).
+            max_steps: most optimizer steps (None: `config.max_steps`).
         """
         start = time.perf_counter()
         prompts = pick_probes(self.config.probe_prompts, n_probes, round_index)
@@ -203,6 +205,7 @@ class AbsorptionEngine:
             on_step=on_step,
             holdout=holdout,
             read=chain,  # the probe answers' cache holds [prefix; read]: the targets do not read it again
+            max_steps=max_steps,
         )
         report.teacher, report.teacher_context_tokens = kind, report.context_tokens
         report.context_tokens = len(self.fmt.encode_segments(context))
@@ -251,7 +254,8 @@ class AbsorptionEngine:
 
         The frozen model reading `[prefix; history; following; probes]` teaches (its probe answers included),
         and the student continues from the current adapter reading `[prefix; following; probes]`: one more
-        round of the history teacher, with no new chunk, for idle time (streaming rounds stop undertrained).
+        round of the history teacher, with no new chunk, for idle time (streaming rounds stop undertrained),
+        of at most `consolidation_steps` steps.
 
         Args:
             prefix: system message(s).
@@ -280,6 +284,7 @@ class AbsorptionEngine:
             base_teacher=True,
             round_index=round_index,
             on_step=on_step,
+            max_steps=self.config.consolidation_steps,
         )
         report.teacher, report.kind = "history", "consolidation"
         return report

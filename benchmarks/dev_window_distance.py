@@ -11,12 +11,16 @@ the rest as C, per session (plain recipe: L1 on hidden states, probes, no recita
   probes (what a streaming round sees);
 - `near+far`: `near`, then one consolidation whose sync text is the whole window and the probes after
   it (`engine.consolidate(following=window)`), the student continuing from `near`'s adapter;
-- `far`: one round from a fresh adapter with the whole window and the probes as sync text.
+- `far`: one round from a fresh adapter with the whole window and the probes as sync text;
+- `near+far@K`: `near+far` with the consolidation cut to K optimizer steps (the round keeps `max_steps`),
+  since it starts from a trained adapter.
 
 Each is scored as `bench streaming` scores it: per-token KL to the full-context model along its
 answers to the held-out questions, and the gap closed against truncation.
 
     python benchmarks/dev_window_distance.py --sessions 100 101 102 103 --window 1024 --json bench-out/distance.json
+    python benchmarks/dev_window_distance.py --sessions 100 101 102 --arms near+far@10 near+far@15 \
+        --json bench-out/distance-steps.json
 """
 
 from __future__ import annotations
@@ -71,13 +75,17 @@ def main() -> None:
         }
         near = capped(engine, window, args.sync)
         n = engine.config.probe_count
+        steps = engine.config.max_steps
         for arm in args.arms:
             engine.reset_adapter()
             began = time.perf_counter()
-            if arm in ("near", "near+far"):
+            kind, _, cut = arm.partition("@")
+            if kind in ("near", "near+far"):
                 engine.run_round(chat.prefix, context, [], n_probes=n, following=near, base_teacher=True)
-            if arm == "near+far":
+            if kind == "near+far":
+                engine.config.max_steps = int(cut) if cut else steps
                 engine.consolidate(chat.prefix, context, following=window)
+                engine.config.max_steps = steps
             if arm == "far":
                 engine.run_round(chat.prefix, context, [], n_probes=n, following=window, base_teacher=True)
             seconds = time.perf_counter() - began

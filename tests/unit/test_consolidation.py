@@ -81,6 +81,42 @@ def test_consolidation_is_deterministic(tokenizer):
     assert curves[0] == curves[1]
 
 
+@pytest.mark.parametrize("cut", [None, 2])
+def test_consolidation_steps_caps_the_consolidation_only(tokenizer, cut):
+    pm = streamed(tokenizer, "history", 0, turns=3)
+    pm.config.consolidation_steps = cut
+    before = lora_state(pm)
+    report = pm.consolidate()
+    assert report.steps == (pm.config.max_steps if cut is None else cut) and report.stopped_by == "max_steps"
+    assert not same_weights(before, lora_state(pm))  # even a short consolidation trains
+    pm.add_messages(turn(5))
+    assert pm.absorption_log[-1]["report"]["kind"] == "round"
+    assert pm.absorption_log[-1]["report"]["steps"] == pm.config.max_steps  # rounds keep their budget
+
+
+def test_a_service_consolidation_runs_consolidation_steps(make_service):
+    memory = make_service(consolidate_when_idle=None, consolidation_steps=2)
+    added_turns(memory, "s", range(5))
+    memory.flush()
+    rounds = memory.jobs("s")
+    assert rounds and {j.metrics["steps"] for j in rounds} == {memory.config.max_steps} != {2}
+    info = memory.consolidate("s").result(timeout=60)
+    assert info.kind == "consolidation" and info.metrics["steps"] == 2
+
+
+def test_consolidation_steps_is_validated():
+    for bad in (0, -3, "few", 100_001):
+        with pytest.raises(ConfigError, match="consolidation_steps"):
+            AbsorberConfig(consolidation_steps=bad)
+    assert AbsorberConfig().consolidation_steps is None
+
+
+def test_a_step_budget_below_one_is_refused(tokenizer):
+    pm = streamed(tokenizer, "history", 0, turns=1)
+    with pytest.raises(ValueError, match="max_steps"):
+        pm.engine.absorber.train([], [turn(0)[0]], [turn(1)], max_steps=0)
+
+
 def test_nothing_absorbed_means_nothing_to_consolidate(make_memory):
     pm = make_memory(window_tokens=500, absorb_tokens=30, sync_tokens=30)
     pm.add_messages(turn(0))
