@@ -12,8 +12,8 @@ the rest as C, per session (plain recipe: L1 on hidden states, probes, no recita
 - `near+far`: `near`, then one consolidation whose sync text is the whole window and the probes after
   it (`engine.consolidate(following=window)`), the student continuing from `near`'s adapter;
 - `far`: one round from a fresh adapter with the whole window and the probes as sync text;
-- `near+far@K`: `near+far` with the consolidation cut to K optimizer steps (the round keeps `max_steps`),
-  since it starts from a trained adapter.
+- `near+far@K`: `near+far` with the consolidation cut to K optimizer steps (`consolidation_steps`; the
+  round keeps `max_steps`), since it starts from a trained adapter.
 
 Each is scored as `bench streaming` scores it: per-token KL to the full-context model along its
 answers to the held-out questions, and the gap closed against truncation.
@@ -75,7 +75,6 @@ def main() -> None:
         }
         near = capped(engine, window, args.sync)
         n = engine.config.probe_count
-        steps = engine.config.max_steps
         for arm in args.arms:
             engine.reset_adapter()
             began = time.perf_counter()
@@ -83,9 +82,8 @@ def main() -> None:
             if kind in ("near", "near+far"):
                 engine.run_round(chat.prefix, context, [], n_probes=n, following=near, base_teacher=True)
             if kind == "near+far":
-                engine.config.max_steps = int(cut) if cut else steps
+                engine.config.consolidation_steps = int(cut) if cut else None  # None: max_steps
                 engine.consolidate(chat.prefix, context, following=window)
-                engine.config.max_steps = steps
             if arm == "far":
                 engine.run_round(chat.prefix, context, [], n_probes=n, following=window, base_teacher=True)
             seconds = time.perf_counter() - began
