@@ -98,12 +98,12 @@ class _Batch:
 
 @dataclass
 class _Targets:
-    """The teacher's states (and log-probabilities, with `logit_kl`) at the trained and at the held-out tokens of S."""
+    """The teacher's states (and next-token distributions, with `logit_kl`) at the trained and held-out tokens of S."""
 
     states: list[torch.Tensor]
-    logits: torch.Tensor | None
+    logits: losses.NextTokenTargets | None
     held_states: list[torch.Tensor]
-    held_logits: torch.Tensor | None
+    held_logits: losses.NextTokenTargets | None
 
 
 #: Early stopping counts a held-out loss as improved only when it falls by more than this share.
@@ -135,6 +135,34 @@ def _rows(tensor: torch.Tensor, lengths: list[int], rows: list[int]) -> torch.Te
         return tensor
     starts = [0, *itertools.accumulate(lengths)]
     return torch.cat([tensor[starts[r] : starts[r] + lengths[r]] for r in rows])
+
+
+def _target_rows(
+    targets: losses.NextTokenTargets | None, lengths: list[int], rows: list[int]
+) -> losses.NextTokenTargets | None:
+    """`_rows` of both fields of teacher distributions (None stays None)."""
+    return None if targets is None else targets.select(lambda t: _rows(t, lengths, rows))
+
+
+def plain_output_weight(model: Any) -> torch.Tensor | None:
+    """The LM head's weight when the logits are exactly `last hidden state @ weight.T`, else None.
+
+    Checked on the model itself: a frozen, bias-free `nn.Linear` head whose product with the last
+    entry of `hidden_states` gives the model's own logits on a short input. Heads that scale or cap
+    the logits, carry a bias or are adapted fail the check, and their losses read the model's logits.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None
+    ids = torch.arange(1, 9, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        mine, theirs = head(out.hidden_states[-1]).float(), out.logits.float()
+    if mine.shape != theirs.shape:
+        return None
+    tol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    return head.weight if torch.allclose(mine, theirs, rtol=tol, atol=tol * float(theirs.abs().max()) + 1e-6) else None
 
 
 def segment_schedule(count: int, per_step: int | None, seed: int) -> Callable[[], list[int]]:
@@ -226,6 +254,23 @@ class Absorber:
         self.model = model
         self.fmt = fmt
         self.config = config
+        #: Whether the logit-KL term may run through `losses.linear_kl_loss` (`plain_output_weight`).
+        self.fused_head = True
+        self._checked_head: tuple[int, torch.Tensor | None] | None = None
+
+    def _output_weight(self) -> torch.Tensor | None:
+        """The head's weight for `losses.linear_kl_loss`, or None to use the model's logits (checked once per head)."""
+        if not self.fused_head:
+            return None
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        if self._checked_head is None or self._checked_head[0] != id(head):
+            self._checked_head = (id(head), plain_output_weight(self.model))
+        return self._checked_head[1]
+
+    def _student_logits(self, targets: _Targets | None) -> bool:
+        """Whether a student forward must compute logits: the logit-KL term is on and the head is not fused."""
+        return targets is not None and targets.logits is not None and self._output_weight() is None
 
     @property
     def device(self) -> torch.device:
@@ -321,11 +366,15 @@ class Absorber:
         shifts = [r[0].shape[1] - r[-1].shape[1] for r in rows]  # logits may start after the states
         logit_starts = [s - k for s, k in zip(starts, shifts, strict=True)]
         logit_held = [s - k for s, k in zip(held_starts, shifts, strict=True)]
-        return _Targets(  # logits as log-probabilities, normalised once here rather than at every step
+        return _Targets(  # distributions normalised once here rather than at every step
             states=states,
-            logits=losses.log_probs(_gather_rows(logits, logit_starts, batch.lengths)[0]) if want_logits else None,
+            logits=losses.next_token_targets(_gather_rows(logits, logit_starts, batch.lengths)[0])
+            if want_logits
+            else None,
             held_states=held_states,
-            held_logits=losses.log_probs(_gather_rows(logits, logit_held, batch.held)[0]) if want_logits else None,
+            held_logits=losses.next_token_targets(_gather_rows(logits, logit_held, batch.held)[0])
+            if want_logits
+            else None,
         )
 
     def _sync_loss(
@@ -334,23 +383,29 @@ class Absorber:
         starts: list[int],
         lengths: list[int],
         states: list[torch.Tensor],
-        logits: torch.Tensor | None,
+        logits: losses.NextTokenTargets | None,
         scales: dict[str, list[torch.Tensor]],
         total: int,
     ) -> torch.Tensor:
         """The weighted sync loss of one student forward's spans `[start, start + length)` against `states`.
 
         `scales` and `total` are those of the whole set the spans belong to, so parts add up (see `losses`).
+        With a plain LM head (`plain_output_weight`), the logit-KL term reads the last hidden states
+        through `losses.linear_kl_loss`, and the forward need not have computed logits.
         """
         student = _gather(out.hidden_states[1:], starts, lengths)
         terms = {
             kind: losses.hidden_sync_loss(student, states, kind, scales=sc, total_tokens=total)
             for kind, sc in scales.items()
         }
-        if logits is not None:
+        weight = self._output_weight() if logits is not None else None
+        if logits is not None and weight is not None:
+            last = _gather(out.hidden_states[-1:], starts, lengths)[0]
+            terms["logit_kl"] = losses.linear_kl_loss(last, weight, logits, total_tokens=total)
+        elif logits is not None:
             shift = out.hidden_states[0].shape[1] - out.logits.shape[1]  # see `_forward(logits_from=...)`
             own = _gather((out.logits,), [s - shift for s in starts], lengths)[0]
-            terms["logit_kl"] = losses.logit_kl_loss(own, logits, total_tokens=total, teacher_normalized=True)
+            terms["logit_kl"] = losses.kl_to_targets(own, logits, total_tokens=total)
         return losses.weighted_sum(terms, self.config.losses)
 
     def _held_loss_part(
@@ -366,7 +421,7 @@ class Absorber:
                 [batch.student_starts[r] + batch.lengths[r] for r in group],
                 held,
                 [_rows(t, batch.held, group) for t in targets.held_states],
-                None if targets.held_logits is None else _rows(targets.held_logits, batch.held, group),
+                _target_rows(targets.held_logits, batch.held, group),
                 scales,
                 sum(batch.held),
             )
@@ -387,7 +442,7 @@ class Absorber:
             for group in micro_batches(widths, rows, self.config):
                 out = self._forward(
                     [batch.student[r] for r in group],
-                    targets.logits is not None,
+                    self._student_logits(targets),
                     logits_from=min(batch.student_starts[r] for r in group),
                 )
                 value += self._held_loss_part(out, batch, group, targets, scales)
@@ -427,7 +482,7 @@ class Absorber:
             for group in micro_batches([len(batch.student[r]) for r in range(len(batch.student))], rows, self.config):
                 out = self._forward(
                     [batch.student[r] for r in group],
-                    targets.logits is not None,
+                    self._student_logits(targets),
                     logits_from=min(batch.student_starts[r] for r in group),
                 )
                 loss = self._sync_loss(
@@ -435,7 +490,7 @@ class Absorber:
                     [batch.student_starts[r] for r in group],
                     [batch.lengths[r] for r in group],
                     [_rows(t, batch.lengths, group) for t in targets.states],
-                    None if targets.logits is None else _rows(targets.logits, batch.lengths, group),
+                    _target_rows(targets.logits, batch.lengths, group),
                     scales,
                     total,
                 )

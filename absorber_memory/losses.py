@@ -13,7 +13,9 @@ the same thing for every model (0.05 = "5% off on average").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,27 +63,111 @@ def hidden_sync_loss(
 
 
 def logit_kl_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    total_tokens: int | None = None,
-    teacher_normalized: bool = False,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, total_tokens: int | None = None
 ) -> torch.Tensor:
     """Mean per-token KL(teacher || student) of next-token distributions, `[T, V]` each.
 
     With `total_tokens`, the sum over these tokens divided by it (this part's share of a larger set).
-    With `teacher_normalized`, `teacher_logits` are already fp32 log-probabilities (`log_probs`), so a
-    caller that reuses them every step does not normalise them again.
+    Training reads the teacher through `next_token_targets` instead (normalised once per round).
     """
-    teacher_logp = teacher_logits.detach() if teacher_normalized else log_probs(teacher_logits)
+    teacher_logp = F.log_softmax(teacher_logits.detach().float(), dim=-1)
     student_logp = F.log_softmax(student_logits.float(), dim=-1)
     total = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
     return total / (student_logits.shape[0] if total_tokens is None else total_tokens)
 
 
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 log-probabilities of next-token logits `[T, V]` (the teacher side of `logit_kl_loss`)."""
-    return F.log_softmax(logits.detach().float(), dim=-1)
+@dataclass(frozen=True)
+class NextTokenTargets:
+    """The teacher's next-token distributions at T tokens, as a training step reads them.
+
+    `probs` `[T, V]` (fp32) and `neg_entropy` `[T]` (sum over the vocabulary of p log p) are computed
+    once per round, so a step's KL(teacher || student) = neg_entropy - p . log q needs no pass over
+    the teacher's vocabulary-wide rows beyond one product.
+    """
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+
+    def select(self, take: Callable[[torch.Tensor], torch.Tensor]) -> NextTokenTargets:
+        """The same rows of both fields (`take` picks rows of a `[T, ...]` tensor)."""
+        return NextTokenTargets(take(self.probs), take(self.neg_entropy))
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+
+def next_token_targets(logits: torch.Tensor) -> NextTokenTargets:
+    """The teacher side of the KL terms, from its next-token logits `[T, V]`."""
+    logp = F.log_softmax(logits.detach().float(), dim=-1)
+    probs = logp.exp()
+    return NextTokenTargets(probs, (probs * logp).sum(-1))
+
+
+def kl_to_targets(
+    student_logits: torch.Tensor, targets: NextTokenTargets, *, total_tokens: int | None = None
+) -> torch.Tensor:
+    """`logit_kl_loss` against teacher distributions prepared by `next_token_targets`."""
+    student_logp = F.log_softmax(student_logits.float(), dim=-1)
+    total = targets.neg_entropy.sum() - (targets.probs * student_logp).sum()
+    return total / (student_logits.shape[0] if total_tokens is None else total_tokens)
+
+
+#: `linear_kl_loss` computes logits for at most this many bytes of fp32 rows at a time.
+KL_CHUNK_BYTES = 256 * 2**20
+
+
+class _LinearKL(torch.autograd.Function):
+    """Summed KL(teacher || softmax(hidden @ weight.T)) over rows; the gradient is made in the forward.
+
+    Per chunk of rows: logits z, turned in place into log-probabilities log q, the loss
+    sum(p log p) - p . log q per row, and (when the hidden states need a gradient)
+    d loss / d hidden = (q - p) @ weight, with q - p written over log q. The backward only scales
+    that saved `[T, H]` gradient: no `[T, V]` tensor outlives a chunk.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor, neg_entropy: torch.Tensor
+    ) -> torch.Tensor:
+        rows = max(1, KL_CHUNK_BYTES // (4 * weight.shape[0]))
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        buffer = probs.new_empty(min(rows, hidden.shape[0]), probs.shape[1])
+        for i in range(0, hidden.shape[0], rows):
+            z = (hidden[i : i + rows] @ weight.T).float()
+            p = probs[i : i + rows]
+            logq = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # in place: log-probabilities
+            # Per row with torch's pairwise sum: the KL is a small difference of two entropy-sized
+            # terms, which one long float32 dot product (BLAS) does not resolve.
+            cross = torch.mul(p, logq, out=buffer[: len(p)]).sum(-1)
+            total = total + (neg_entropy[i : i + rows] - cross).sum()
+            if grad is not None:
+                grad[i : i + rows] = logq.exp_().sub_(p).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else upstream.to(grad.dtype) * grad), None, None, None
+
+
+def linear_kl_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: NextTokenTargets, *, total_tokens: int | None = None
+) -> torch.Tensor:
+    """`kl_to_targets` of the logits `hidden @ weight.T` (an LM head without bias), never held whole.
+
+    `hidden` `[T, H]` are the final (normalised) hidden states at the sync tokens; `weight` `[V, H]`
+    is the frozen output projection. The loss and its gradient equal those of materialising the
+    `[T, V]` logits and running `kl_to_targets` on them (up to float rounding), at a fraction of the
+    memory traffic: a training step of a small model spent a third of its time on those tensors.
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_kl_loss needs a frozen output projection: it returns no gradient for it")
+    if hidden.shape[0] != len(targets):
+        raise ValueError(f"{hidden.shape[0]} hidden rows for {len(targets)} teacher distributions")
+    total = _LinearKL.apply(hidden, weight, targets.probs, targets.neg_entropy)
+    return total / (hidden.shape[0] if total_tokens is None else total_tokens)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ settings with `--steps` training steps. Each case runs twice, alternating:
 With `--before reuse`, the `before` arm differs from the library in one
 change only: the teacher's targets read `[prefix; C]` again rather than
 continuing from the KV cache the probe answers left (`Absorber.train(read=)`).
+With `--before fused`, the `before` arm computes the student's logits and their KL
+as tensors `[tokens, vocabulary]` (the model's LM head, then `kl_to_targets`)
+instead of through `losses.linear_kl_loss`.
 `--set KEY=VALUE` overrides the settings (values as JSON, e.g. `probe_count=4`).
 
 Prints teacher seconds, seconds per training step, the round at 30 steps
@@ -69,6 +72,16 @@ def without_reuse(engine: AbsorptionEngine) -> Iterator[None]:
         engine.absorber.train = train  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def unfused_head(engine: AbsorptionEngine) -> Iterator[None]:
+    """The student's logit-KL term reads the model's logits rather than `losses.linear_kl_loss`."""
+    engine.absorber.fused_head = False
+    try:
+        yield
+    finally:
+        engine.absorber.fused_head = True
+
+
 def leading(engine: AbsorptionEngine, messages: list[dict[str, str]], tokens: int) -> int:
     """How many leading messages hold about `tokens` tokens."""
     total = 0
@@ -97,15 +110,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tokens", type=int, nargs="*", default=[128, 1024, 3072])
-    parser.add_argument("--before", choices=["all", "reuse"], default="all",
-                        help="what the `before` arm switches off: every round-cost change, or the targets' reuse")
+    parser.add_argument("--before", choices=["all", "reuse", "fused"], default="all",
+                        help="what the `before` arm switches off: every round-cost change, the targets' reuse, "
+                             "or the fused LM head and KL")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings, values as JSON")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = parse_overrides(args.set)
     engine = AbsorptionEngine(config=dict(num_threads=args.threads, max_steps=args.steps, **extra))
-    arm = before_changes if args.before == "all" else without_reuse
+    arm = {"all": before_changes, "reuse": without_reuse, "fused": unfused_head}[args.before]
     st = STREAMING["full"]
     chat = agent_chats(st["dev"], st["chat_messages"], chitchat_seed=1, queries=st["queries"],
                        chats=LONG_STREAMING["full"]["chats"])[0]

@@ -258,7 +258,8 @@ def test_a_long_shared_context_is_read_once_with_the_same_teacher_targets(make_m
     # [prefix; C] once, then each row's S alone: no forward reads C a second time.
     assert calls[0] == (1, shared) and [c[1] for c in calls[1:]] == [len(r) - shared for r in batch.teacher]
     pairs = [*zip(whole.states, cached.states, strict=True), *zip(whole.held_states, cached.held_states, strict=True),
-             (whole.logits, cached.logits), (whole.held_logits, cached.held_logits)]
+             (whole.logits.probs, cached.logits.probs), (whole.held_logits.probs, cached.held_logits.probs),
+             (whole.logits.neg_entropy, cached.logits.neg_entropy)]
     for a, b in pairs:
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
@@ -326,13 +327,72 @@ def test_a_cache_that_did_not_read_the_context_is_not_used_for_the_targets(make_
     before = list(other.ids)
     targets = ab._teacher_targets(batch, base_teacher=True, read=other)
     assert other.ids == before  # neither used nor cropped
-    for a, b in [*zip(whole.states, targets.states, strict=True), (whole.logits, targets.logits)]:
+    for a, b in [*zip(whole.states, targets.states, strict=True), (whole.logits.probs, targets.logits.probs)]:
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_fused_head_gives_the_loss_and_gradients_of_the_model_logits(make_memory):
+    from absorber_memory.absorber import plain_output_weight
+
+    pm = make_memory(losses={"l1": 1.0, "logit_kl": 1.0})
+    ab = pm.engine.absorber
+    assert plain_output_weight(pm.model) is pm.model.get_output_embeddings().weight
+    segments = [chat(q, "I remember that well.") for q in QUERIES]
+    batch = ab._plan([{"role": "system", "content": "Be kind."}], CONTEXT, segments, [0, 0, 0])
+    targets = ab._teacher_targets(batch, base_teacher=True)
+    scales = ab._hidden_scales(targets.states)
+    params = trainable_lora_parameters(pm.model, "default")
+    with torch.no_grad():  # a trained-looking adapter, so the student differs from the teacher
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    found = []
+    for fused in (False, True):
+        ab.fused_head = fused
+        assert ab._student_logits(targets) is not fused
+        out = ab._forward(batch.student, ab._student_logits(targets), logits_from=min(batch.student_starts))
+        if fused:
+            assert out.logits.shape[1] == 1  # the forward skipped the vocabulary projection
+        loss = ab._sync_loss(out, batch.student_starts, batch.lengths, targets.states, targets.logits, scales,
+                             sum(batch.lengths))
+        grads = torch.autograd.grad(loss, params)
+        found.append((float(loss.detach()), grads))
+    (plain, plain_grads), (fused_loss, fused_grads) = found
+    assert fused_loss == pytest.approx(plain, rel=1e-5) and plain > 0
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(plain_grads, fused_grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in fused_grads)
+
+
+def test_a_head_that_is_not_plain_reads_the_model_logits(make_memory):
+    from absorber_memory.absorber import plain_output_weight
+
+    pm = make_memory(losses={"l1": 1.0, "logit_kl": 0.5})
+    base = pm.model.get_base_model()
+    head = base.lm_head
+    real = base.forward
+
+    def capped(*args, **kwargs):  # a head that caps its logits, as some architectures do
+        out = real(*args, **kwargs)
+        out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+        return out
+
+    base.forward = capped
+    assert plain_output_weight(pm.model) is None
+    ab = pm.engine.absorber
+    batch = ab._plan([], CONTEXT, [chat(QUERIES[0], "I remember.")], [0])
+    assert ab._student_logits(ab._teacher_targets(batch, base_teacher=True))
+    report = pm.absorb(CONTEXT)
+    assert report.final_loss < report.initial_loss
+    base.forward = real
+    head.weight.requires_grad_(True)  # a head being trained is never fused
+    assert plain_output_weight(pm.model) is None
+    head.weight.requires_grad_(False)
+    assert plain_output_weight(pm.model) is head.weight
 
 
 def test_logits_from_the_sync_start_give_the_loss_of_logits_everywhere(make_memory):
     pm = make_memory(losses={"l1": 1.0, "logit_kl": 1.0})
     ab = pm.engine.absorber
+    ab.fused_head = False  # the loss reads the forward's logits
     segments = [chat(q, "I remember that well.") for q in QUERIES]
     batch = ab._plan([{"role": "system", "content": "Be kind."}], CONTEXT, segments, [0, 0, 0])
     targets = ab._teacher_targets(batch, base_teacher=True)

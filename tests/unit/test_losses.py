@@ -100,16 +100,69 @@ def test_logit_kl_parts_add_up_to_the_whole():
     assert float(parts) == pytest.approx(float(whole), rel=1e-6)
 
 
-def test_logit_kl_from_log_probabilities_normalised_once_equals_from_logits():
+def test_kl_to_prepared_targets_equals_kl_from_logits():
     torch.manual_seed(0)
-    teacher, student = torch.randn(6, 5) * 3, torch.randn(6, 5, requires_grad=True)
-    from_logits = losses.logit_kl_loss(student, teacher)
-    normalised = losses.log_probs(teacher)
-    assert torch.allclose(normalised.exp().sum(-1), torch.ones(6))
-    assert float(losses.logit_kl_loss(student, normalised, teacher_normalized=True)) == pytest.approx(
-        float(from_logits), rel=1e-6
+    teacher, student = torch.randn(6, 5) * 3, torch.randn(6, 5)
+    targets = losses.next_token_targets(teacher)
+    assert torch.allclose(targets.probs.sum(-1), torch.ones(6)) and len(targets) == 6
+    assert float(losses.kl_to_targets(student, targets)) == pytest.approx(
+        float(losses.logit_kl_loss(student, teacher)), rel=1e-5
     )
-    # Raw logits passed as if normalised are not normalised: the flag is what skips the work.
-    assert float(losses.logit_kl_loss(student, teacher, teacher_normalized=True)) != pytest.approx(
-        float(from_logits), rel=1e-3
+    assert float(losses.kl_to_targets(teacher, targets)) == pytest.approx(0.0, abs=1e-5)
+    half = targets.select(lambda t: t[:3])
+    assert float(losses.kl_to_targets(student[:3], half, total_tokens=6)) == pytest.approx(
+        float(losses.logit_kl_loss(student[:3], teacher[:3], total_tokens=6)), rel=1e-5
     )
+
+
+def _linear_kl_case(rows=7, hidden=6, vocab=13, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=dtype)
+    states = torch.randn(rows, hidden, generator=gen, dtype=dtype)
+    teacher = torch.randn(rows, vocab, generator=gen, dtype=dtype) * 2
+    return weight, states, teacher
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 13, 4 * 13 * 3, losses.KL_CHUNK_BYTES])  # 1 row, 3 rows, all at once
+def test_linear_kl_matches_the_kl_of_materialised_logits_in_value_and_gradient(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(losses, "KL_CHUNK_BYTES", chunk_bytes)
+    weight, states, teacher = _linear_kl_case()
+    targets = losses.next_token_targets(teacher)
+    a = states.clone().requires_grad_()
+    expected = losses.logit_kl_loss(a @ weight.T, teacher, total_tokens=10)
+    (expected * 3).backward()
+    b = states.clone().requires_grad_()
+    fused = losses.linear_kl_loss(b, weight, targets, total_tokens=10)
+    (fused * 3).backward()
+    assert float(fused.detach()) == pytest.approx(float(expected.detach()), rel=1e-6) and float(fused.detach()) > 0
+    assert torch.allclose(b.grad, a.grad, rtol=1e-5, atol=1e-7) and a.grad.abs().sum() > 0
+
+
+def test_linear_kl_is_zero_where_the_student_is_the_teacher_and_works_without_gradients():
+    weight, states, _ = _linear_kl_case()
+    targets = losses.next_token_targets(states @ weight.T)
+    assert float(losses.linear_kl_loss(states, weight, targets)) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        shifted = losses.linear_kl_loss(states + 0.5, weight, targets)
+    assert float(shifted) > 0 and not shifted.requires_grad
+
+
+def test_linear_kl_refuses_a_trainable_head_and_mismatched_rows():
+    weight, states, teacher = _linear_kl_case()
+    targets = losses.next_token_targets(teacher)
+    with pytest.raises(ValueError, match="frozen output projection"):
+        losses.linear_kl_loss(states, weight.clone().requires_grad_(), targets)
+    with pytest.raises(ValueError, match="6 hidden rows for 7 teacher distributions"):
+        losses.linear_kl_loss(states[:6], weight, targets)
+
+
+def test_linear_kl_resolves_a_small_kl_between_large_float32_logits():
+    # Peaked logits of a real model's size and a student close to the teacher: the KL is a small
+    # difference of entropy-sized terms, which a long float32 dot product got 10x wrong.
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(49152, 64, generator=gen) * 0.15
+    states = torch.randn(48, 64, generator=gen) * 3
+    teacher = (states + 0.05 * torch.randn(48, 64, generator=gen)) @ weight.T
+    expected = losses.logit_kl_loss((states @ weight.T).double(), teacher.double())
+    fused = losses.linear_kl_loss(states, weight, losses.next_token_targets(teacher))
+    assert float(fused) == pytest.approx(float(expected), rel=1e-2) and float(expected) > 0
