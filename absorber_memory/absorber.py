@@ -144,6 +144,12 @@ def _target_rows(
     return None if targets is None else targets.select(lambda t: _rows(t, lengths, rows))
 
 
+def _output_head(model: Any) -> Any:
+    """The model's LM head module, or None for a model without `get_output_embeddings`."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if get_head is not None else None
+
+
 def plain_output_weight(model: Any) -> torch.Tensor | None:
     """The LM head's weight when the logits are exactly `last hidden state @ weight.T`, else None.
 
@@ -151,8 +157,7 @@ def plain_output_weight(model: Any) -> torch.Tensor | None:
     entry of `hidden_states` gives the model's own logits on a short input. Heads that scale or cap
     the logits, carry a bias or are adapted fail the check, and their losses read the model's logits.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
+    head = _output_head(model)
     if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
         return None
     ids = torch.arange(1, 9, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
@@ -262,8 +267,7 @@ class Absorber:
         """The head's weight for `losses.linear_kl_loss`, or None to use the model's logits (checked once per head)."""
         if not self.fused_head:
             return None
-        get_head = getattr(self.model, "get_output_embeddings", None)
-        head = get_head() if get_head is not None else None
+        head = _output_head(self.model)
         if self._checked_head is None or self._checked_head[0] != id(head):
             self._checked_head = (id(head), plain_output_weight(self.model))
         return self._checked_head[1]

@@ -160,7 +160,8 @@ def linear_kl_loss(
     `hidden` `[T, H]` are the final (normalised) hidden states at the sync tokens; `weight` `[V, H]`
     is the frozen output projection. The loss and its gradient equal those of materialising the
     `[T, V]` logits and running `kl_to_targets` on them (up to float rounding), at a fraction of the
-    memory traffic: a training step of a small model spent a third of its time on those tensors.
+    memory traffic (on a small model, copying and normalising those tensors took about a sixth of a
+    default training step under the profiler).
     """
     if weight.requires_grad:
         raise ValueError("linear_kl_loss needs a frozen output projection: it returns no gradient for it")

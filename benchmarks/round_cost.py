@@ -7,7 +7,7 @@ settings with `--steps` training steps. Each case runs twice, alternating:
 
 - `before`: every sync segment's teacher row reads `[prefix; C]` again, so do
   the probe answers; rows of any width share a micro-batch (padded to the
-  longest); logits are computed at every position;
+  longest); logits are computed at every position and the student's KL reads them;
 - `after` (the library now): `[prefix; C]` is read once into a KV cache when
   it is 256 tokens or longer (teacher rows and probe answers); a row joins a
   micro-batch only if padding adds at most a quarter; logits start at S.
@@ -47,15 +47,29 @@ from absorber_memory.engine import AbsorptionEngine
 
 
 @contextlib.contextmanager
+def unfused_head(engine: AbsorptionEngine) -> Iterator[None]:
+    """The student's logit-KL term reads the model's logits rather than `losses.linear_kl_loss`."""
+    engine.absorber.fused_head = False
+    try:
+        yield
+    finally:
+        engine.absorber.fused_head = True
+
+
+@contextlib.contextmanager
 def before_changes(engine: AbsorptionEngine) -> Iterator[None]:
-    """The former behaviour: no shared-prefix cache, any row joins a micro-batch, logits at every position."""
+    """The former behaviour: no shared-prefix cache, any row joins a micro-batch, logits at every position.
+
+    The student's logit-KL term also reads the model's logits (`unfused_head`), as it did then.
+    """
     saved = absorber.SHARED_PREFIX_TOKENS, generation.SHARED_PREFIX_TOKENS, absorber._MOST_PADDING
     forward = engine.absorber._forward
     absorber.SHARED_PREFIX_TOKENS = generation.SHARED_PREFIX_TOKENS = 10**9
     absorber._MOST_PADDING = 1.0
     engine.absorber._forward = lambda seqs, logits=True, logits_from=0: forward(seqs, logits)  # type: ignore[method-assign]
     try:
-        yield
+        with unfused_head(engine):
+            yield
     finally:
         absorber.SHARED_PREFIX_TOKENS, generation.SHARED_PREFIX_TOKENS, absorber._MOST_PADDING = saved
         engine.absorber._forward = forward  # type: ignore[method-assign]
@@ -70,16 +84,6 @@ def without_reuse(engine: AbsorptionEngine) -> Iterator[None]:
         yield
     finally:
         engine.absorber.train = train  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def unfused_head(engine: AbsorptionEngine) -> Iterator[None]:
-    """The student's logit-KL term reads the model's logits rather than `losses.linear_kl_loss`."""
-    engine.absorber.fused_head = False
-    try:
-        yield
-    finally:
-        engine.absorber.fused_head = True
 
 
 def leading(engine: AbsorptionEngine, messages: list[dict[str, str]], tokens: int) -> int:
