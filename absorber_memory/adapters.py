@@ -58,7 +58,7 @@ def saved_lora_config(folder: Path) -> Any:
 
 def _same_shape(a: Any, b: Any) -> bool:
     """Whether two LoRA configs give identical weight shapes and scaling (so a slot can be reused)."""
-    keys = ("r", "lora_alpha", "target_modules", "use_rslora", "bias", "fan_in_fan_out")
+    keys = ("r", "lora_alpha", "target_modules", "layers_to_transform", "use_rslora", "bias", "fan_in_fan_out")
     return all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
 
 

@@ -75,6 +75,13 @@ class AbsorberConfig(BaseModel):
     lora_targets: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules to adapt: 'all-linear' (every projection but the LM head) or names."
     )
+    lora_layers: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Decoder layers to adapt, by index; negative ones count from the top ([-8, ..., -1] = the last "
+        "8 of any model). None adapts every layer. A step's backward pass stops at the lowest adapted layer, so "
+        "upper layers alone train cheaper steps.",
+    )
 
     # --- Algorithm 1: one absorption ----------------------------------------
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate on the LoRA weights.")
@@ -219,6 +226,8 @@ class AbsorberConfig(BaseModel):
         needs_sync = any(self.losses.get(name, 0) > 0 for name in _SYNC_LOSSES)
         if needs_sync and self.probe_count == 0 and self.sync_tokens == 0:
             raise ValueError("`probe_count` and `sync_tokens` are both 0: a sync loss has no text S to align on")
+        if self.lora_layers is not None and len(set(self.lora_layers)) != len(self.lora_layers):
+            raise ValueError(f"`lora_layers` must not repeat a layer, got {self.lora_layers}")
         if self.update_penalty != "none" and self.update_penalty_weight == 0:
             raise ValueError(f"`update_penalty_weight` must be > 0 when `update_penalty` is {self.update_penalty!r}")
         return self
@@ -239,15 +248,63 @@ def as_config(config: AbsorberConfig | dict[str, Any] | None) -> AbsorberConfig:
     raise ConfigError(f"`config` must be an AbsorberConfig or a dict, got {type(config).__name__}")
 
 
-def lora_config(config: AbsorberConfig) -> Any:
-    """The PEFT `LoraConfig` for a memory's settings (peft is imported here, on first use)."""
+def lora_config(config: AbsorberConfig, model: Any = None) -> Any:
+    """The PEFT `LoraConfig` for a memory's settings (peft is imported here, on first use).
+
+    `model` (the base model) is needed only with `lora_layers`: its layer count
+    resolves negative indices, and 'all-linear' becomes the names of its linear
+    layers, since PEFT selects layers by index only among named targets.
+    """
     from peft import LoraConfig
 
+    targets: list[str] | str = config.lora_targets
+    layers = None
+    if config.lora_layers is not None:
+        if model is None:
+            raise ConfigError("`lora_layers` needs the base model to resolve layer indices")
+        layers = resolve_layers(config.lora_layers, decoder_layer_count(model))
+        if targets == "all-linear":
+            targets = linear_module_names(model)
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, scales by alpha / r: floats work
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_targets,
+        target_modules=targets,
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def decoder_layer_count(model: Any) -> int:
+    """How many decoder layers `model` has (its config's `num_hidden_layers`)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int) or count <= 0:
+        raise ConfigError(f"`lora_layers` needs a model whose config has `num_hidden_layers`, got {count!r}")
+    return count
+
+
+def resolve_layers(layers: list[int], count: int) -> list[int]:
+    """`lora_layers` as sorted non-negative indices into `count` layers (negative ones count from the top)."""
+    bad = [i for i in layers if not -count <= i < count]
+    if bad:
+        span = f"{-count}..{count - 1}"
+        raise ConfigError(f"`lora_layers` has indices {bad} outside this model's {count} layers ({span})")
+    resolved = sorted({i % count for i in layers})
+    if len(resolved) != len(layers):
+        raise ConfigError(f"`lora_layers` names a layer twice (from the top and the bottom): {layers}")
+    return resolved
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The names (last part) of `model`'s linear layers but its LM head: what PEFT's 'all-linear' adapts."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head and name
+    }
+    return sorted(names)

@@ -67,7 +67,7 @@ class AbsorptionEngine:
         self.base_identity = model_identity(base)
         with torch.random.fork_rng(devices=[]), quiet_transformers():
             torch.manual_seed(self.config.seed)
-            self.model = get_peft_model(base, lora_config(self.config), adapter_name=ADAPTER)
+            self.model = get_peft_model(base, lora_config(self.config, base), adapter_name=ADAPTER)
         self.model.eval()
         self.tokenizer = tokenizer
         self.fmt = ChatFormat(tokenizer)

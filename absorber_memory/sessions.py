@@ -165,7 +165,7 @@ class AbsorberMemory:
             self._lock = lock = threading.RLock()
             executor = executor or LocalExecutor(base, self.tokenizer, self.config, self.config.absorb_workers)
             #: The session adapters loaded for inference (an LRU; `stats` counts hits, loads, evictions).
-            self.adapters = AdapterCache(base, lora_config(self.config), self.config.max_loaded_adapters)
+            self.adapters = AdapterCache(base, lora_config(self.config, base), self.config.max_loaded_adapters)
             recover_sessions(self.store, self.layout)
             self.coordinator = JobCoordinator(
                 self.store, self.layout, self.config, self.fmt, self.model_name, lock, self.context_limit

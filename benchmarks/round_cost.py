@@ -18,6 +18,9 @@ continuing from the KV cache the probe answers left (`Absorber.train(read=)`).
 With `--before fused`, the `before` arm computes the student's logits and their KL
 as tensors `[tokens, vocabulary]` (the model's LM head, then `kl_to_targets`)
 instead of through `losses.linear_kl_loss`.
+With `--before settings`, the `before` arm is a second engine whose settings
+are the `after` arm's overridden by `--before-set` (e.g. `lora_layers=null`
+against `--set 'lora_layers=[-15, ...]'`: every layer adapted against the upper half).
 `--set KEY=VALUE` overrides the settings (values as JSON, e.g. `probe_count=4`).
 
 Prints teacher seconds, seconds per training step, the round at 30 steps
@@ -114,16 +117,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tokens", type=int, nargs="*", default=[128, 1024, 3072])
-    parser.add_argument("--before", choices=["all", "reuse", "fused"], default="all",
+    parser.add_argument("--before", choices=["all", "reuse", "fused", "settings"], default="all",
                         help="what the `before` arm switches off: every round-cost change, the targets' reuse, "
-                             "or the fused LM head and KL")
+                             "the fused LM head and KL, or the settings in --before-set")
+    parser.add_argument("--before-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="with --before settings: the before arm's settings over the after arm's")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings, values as JSON")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = parse_overrides(args.set)
     engine = AbsorptionEngine(config=dict(num_threads=args.threads, max_steps=args.steps, **extra))
-    arm = {"all": before_changes, "reuse": without_reuse, "fused": unfused_head}[args.before]
+    if args.before == "settings":
+        if not args.before_set:
+            parser.error("--before settings needs --before-set KEY=VALUE")
+        before_config = {**engine.config.model_dump(), **parse_overrides(args.before_set)}
+        other = AbsorptionEngine(config=before_config)
+        arm = lambda e: contextlib.nullcontext()  # noqa: E731
+    else:
+        other = engine
+        arm = {"all": before_changes, "reuse": without_reuse, "fused": unfused_head}[args.before]
     st = STREAMING["full"]
     chat = agent_chats(st["dev"], st["chat_messages"], chitchat_seed=1, queries=st["queries"],
                        chats=LONG_STREAMING["full"]["chats"])[0]
@@ -133,8 +146,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for tokens in args.tokens:
         count = leading(engine, chat.messages, tokens)
-        with arm(engine):
-            old = one_round(engine, chat, count, args.steps)
+        with arm(other):
+            old = one_round(other, chat, count, args.steps)
         new = one_round(engine, chat, count, args.steps)
         rows.append({"tokens": tokens, "before": old, "after": new})
         print(f"| {new['context_tokens']} | {new['sync_tokens']} | {old['teacher_seconds']:.1f} / "
@@ -146,7 +159,8 @@ def main() -> None:
         options = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
         meta = {"command": "python benchmarks/round_cost.py " + " ".join(f"--{k} {v}" for k, v in options.items()),
                 "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                "config": engine.config.model_dump(mode="json")}
+                "config": engine.config.model_dump(mode="json"),
+                "before_config": other.config.model_dump(mode="json")}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

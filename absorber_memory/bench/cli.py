@@ -182,9 +182,9 @@ def _streaming(
             return tiny_model_and_tokenizer()
         return model, None
 
-    def load_engine() -> Any:
+    def load_engine(extra: dict[str, Any]) -> Any:
         m, tok = loaded()
-        return AbsorptionEngine(m, tokenizer=tok, config=config)
+        return AbsorptionEngine(m, tokenizer=tok, config=AbsorberConfig(**config.model_copy(update=extra).model_dump()))
 
     def make_memory(data_dir: Path, extra: dict[str, Any]) -> Any:
         m, tok = loaded()

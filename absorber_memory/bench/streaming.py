@@ -29,6 +29,7 @@ of prefilling.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -161,9 +162,18 @@ def prefill_seconds_per_token(engine: Any, ids: list[int], tokens: int) -> float
 
 
 def evaluate_chat(
-    engine: Any, chat: AgentChat, streams: dict[str, dict[str, Any]], max_new_tokens: int, tick: Callable[[str], None]
+    engine: Any,
+    chat: AgentChat,
+    streams: dict[str, dict[str, Any]],
+    max_new_tokens: int,
+    tick: Callable[[str], None],
+    stream_engines: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Score every method on one chat; returns method -> raw result."""
+    """Score every method on one chat; returns method -> raw result.
+
+    `stream_engines` names, per stream row, an engine of the same base model whose adapter has that row's
+    shape (a row adapting other layers than `engine` does); the other rows are scored with `engine`.
+    """
     first = next(iter(streams.values()))
     conv = Conversation(
         chat.name, "agent", first["absorbed"], first["window"], chat.queries, chat.keywords, chat.prefix, chat.cues
@@ -171,11 +181,13 @@ def evaluate_chat(
     refs = references(engine, conv, max_new_tokens)
     results: dict[str, dict[str, Any]] = {}
 
-    def run(name: str, prefix: list[Message], *, with_context: bool, adapter: bool, **cost: Any) -> None:
+    def run(
+        name: str, prefix: list[Message], *, with_context: bool, adapter: bool, scorer: Any = engine, **cost: Any
+    ) -> None:
         tick(f"{name} on {chat.name}")
         results[name] = {
             **score(
-                engine, conv, refs, prefix, with_context=with_context, adapter=adapter, max_new_tokens=max_new_tokens
+                scorer, conv, refs, prefix, with_context=with_context, adapter=adapter, max_new_tokens=max_new_tokens
             ),
             **cost,
         }
@@ -214,12 +226,14 @@ def evaluate_chat(
     for name, stream in streams.items():
         if stream["window"] != conv.window:
             raise RuntimeError(f"{name}: its window differs from the others' (planning should not depend on it)")
-        engine.load_adapter(stream["adapter"])
+        scorer = (stream_engines or {}).get(name, engine)
+        scorer.load_adapter(stream["adapter"])
         run(
             name,
             chat.prefix,
             with_context=False,
             adapter=True,
+            scorer=scorer,
             seconds=sum(j["seconds"] for j in stream["jobs"]),
             absorbed_tokens=sum(j["context_tokens"] for j in stream["jobs"] if j["kind"] != "consolidation"),
             jobs=stream["jobs"],
@@ -241,6 +255,26 @@ def linear_params(model: Any) -> int:
         for n, m in base.named_modules()
         if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
     )
+
+
+def step_linear_flops(model: Any, lora_layers: list[int] | None = None) -> int:
+    """Useful linear-layer FLOPs of a training step per sync token.
+
+    The forward runs every decoder linear layer (2 x weights); the backward computes input gradients
+    (2 x weights, base weights are frozen) only from the top down to the lowest adapted layer, which is
+    every layer when `lora_layers` is None.
+    """
+    from ..config import decoder_layer_count, resolve_layers
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lowest = 0 if lora_layers is None else min(resolve_layers(lora_layers, decoder_layer_count(base)))
+    forward = backward = 0
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            index = re.search(r"\.(\d+)\.", name + ".")
+            forward += module.weight.numel()
+            backward += module.weight.numel() if index is None or int(index.group(1)) >= lowest else 0
+    return 2 * (forward + backward)
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
@@ -282,8 +316,14 @@ def model_matmul_peak_flops(model: Any, tokens: int, repeats: int = 3) -> float:
     return 4 * sum(o * i for o, i in shapes) * tokens / best
 
 
-def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params: int) -> list[dict[str, Any]]:
-    """One row per method, pooled over chats (KL over all answer tokens, recall over all questions)."""
+def pooled_rows(
+    raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params: int, step_flops: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """One row per method, pooled over chats (KL over all answer tokens, recall over all questions).
+
+    A method's training FLOP/s counts `step_flops[method]` per sync token of a step (`step_linear_flops`),
+    else 4 x `params`: every linear layer forward and back.
+    """
 
     def kl(rs: list[dict[str, Any]]) -> float:
         return sum(r["kl_sum"] for r in rs) / max(1, sum(r["tokens"] for r in rs))
@@ -329,7 +369,9 @@ def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params:
                 "absorbed_tokens": absorbed or None,
                 "s_per_absorbed_token": seconds / absorbed if absorbed else None,
                 "x_prefill_4k": seconds / absorbed / prefill_4k if absorbed else None,
-                "train_gflops": 4 * params * step_tokens / train / 1e9 if train > 0 else None,
+                "train_gflops": (step_flops or {}).get(name, 4 * params) * step_tokens / train / 1e9
+                if train > 0
+                else None,
                 "teachers": ",".join(sorted({str(j.get("teacher")) for j in jobs})) or None,
                 "gap_per_session": " / ".join("-" if g is None else f"{g:.2f}" for g in per_chat),
                 "steps_per_round": sum(j["steps"] for j in jobs) / len(jobs) if jobs else None,
@@ -339,7 +381,7 @@ def pooled_rows(raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params:
 
 
 def streaming_experiment(
-    load_engine: Callable[[], Any],
+    load_engine: Callable[..., Any],
     make_memory: Callable[..., Any],
     chats: list[AgentChat],
     *,
@@ -347,8 +389,18 @@ def streaming_experiment(
     max_new_tokens: int,
     tick: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Stream each chat once per entry of `streams` (row name -> config overrides), evaluate every method, pool."""
-    engine = load_engine()
+    """Stream each chat once per entry of `streams` (row name -> config overrides), evaluate every method, pool.
+
+    `load_engine(extra)` builds an engine with `extra` config overrides; a row whose `lora_layers` differ
+    from the first engine's is scored with an engine of its own (its adapter has another shape).
+    """
+    engine = load_engine({})
+    stream_engines: dict[str, Any] = {}
+    for row, extra in streams.items():
+        layers = engine.config.model_copy(update=extra).lora_layers
+        if layers != engine.config.lora_layers:
+            same = next((e for e in stream_engines.values() if e.config.lora_layers == layers), None)
+            stream_engines[row] = same or load_engine({"lora_layers": layers})
     raw: dict[str, list[dict[str, Any]]] = {}
     prefill: list[dict[str, float]] = []
     work = Path(tempfile.mkdtemp(prefix="absorber-streaming-"))
@@ -358,7 +410,7 @@ def streaming_experiment(
             for k, (row, extra) in enumerate(streams.items()):
                 tick(f"{row} on {chat.name}")
                 streamed[row] = stream_session(make_memory, chat, work / f"{chat.name}-{k}", extra)
-            for name, result in evaluate_chat(engine, chat, streamed, max_new_tokens, tick).items():
+            for name, result in evaluate_chat(engine, chat, streamed, max_new_tokens, tick, stream_engines).items():
                 raw.setdefault(name, []).append({"chat": chat.name, **result})
             ids = engine.fmt.encode(chat.prefix, chat.messages)
             prefill.append(
@@ -372,10 +424,15 @@ def streaming_experiment(
         shutil.rmtree(work, ignore_errors=True)
     prefill_4k = min(p["at_4k"] for p in prefill)
     params = linear_params(engine.model)
+    # Rows adapting some layers only run part of the backward pass: count the work each row's steps did.
+    step_flops = {
+        name: step_linear_flops(engine.model, engine.config.model_copy(update=extra).lora_layers)
+        for name, extra in [("one-shot", {}), *streams.items()]
+    }
     jobs = [j for name, rs in raw.items() if name.startswith("stream-") for r in rs for j in r.get("jobs", [])]
     step_tokens = round(sum(j["sync_tokens"] for j in jobs) / len(jobs)) if jobs else 256
     return {
-        "rows": pooled_rows(raw, prefill_4k, params),
+        "rows": pooled_rows(raw, prefill_4k, params, step_flops),
         "prefill": prefill,
         "prefill_s_per_token_4k": prefill_4k,
         "matmul_peak_gflops": matmul_peak_flops() / 1e9,

@@ -267,3 +267,34 @@ def test_streaming_sessions_out_of_the_split_are_refused(tmp_path, k):
     with pytest.raises(SystemExit, match="--sessions: the test split has 1 sessions, got"):
         main(["bench", "streaming", "--quick", "--model", "tiny", "--sessions", k, "--out", str(tmp_path)])
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_stream_adapting_other_layers_is_scored_with_its_own_adapter_shape(tmp_path):
+    argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
+            "--teachers", "history", "--variant", "top", "lora_layers=[-1]"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "streaming.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert rows["stream-top"]["gap_closed"] is not None and rows["stream-top"]["train_gflops"] > 0
+    top, every = data["raw"]["stream-top"][0], data["raw"]["stream-history"][0]
+    assert top["answers"] != every["answers"] or top["kl_sum"] != every["kl_sum"]  # another adapter was scored
+
+
+def test_step_flops_count_the_backward_down_to_the_lowest_adapted_layer(tokenizer):
+    from absorber_memory.bench.streaming import linear_params, step_linear_flops
+    from absorber_memory.testing import tiny_model
+
+    model = tiny_model(tokenizer, layers=4)
+    every = linear_params(model)
+    assert step_linear_flops(model) == 4 * every
+    assert step_linear_flops(model, [-1, -2]) == 2 * every + 2 * every // 2  # forward all, backward the top half
+    assert step_linear_flops(model, [3, 1]) == 2 * every + 2 * every * 3 // 4
+
+
+def test_a_variant_with_layers_outside_the_model_fails_before_streaming(tmp_path):
+    from absorber_memory import ConfigError
+
+    with pytest.raises(ConfigError, match="`lora_layers` has indices"):
+        main(["bench", "streaming", "--quick", "--model", "tiny", "--out", str(tmp_path), "--variant", "v",
+              "lora_layers=[9]"])
+    assert not (tmp_path / "streaming.json").exists()

@@ -34,6 +34,9 @@ def test_every_field_has_a_description():
         ({"probe_prompts": ["  "]}, r"`probe_prompts` must not contain empty prompts"),
         ({"update_penalty": "l1"}, r"`update_penalty_weight` must be > 0"),
         ({"sync_token": 5}, r"`sync_token` is not a known setting"),
+        ({"lora_layers": []}, r"`lora_layers` list should have at least 1 item"),
+        ({"lora_layers": [3, 3]}, r"`lora_layers` must not repeat a layer, got \[3, 3\]"),
+        ({"lora_layers": ["top"]}, r"`lora_layers.0`"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, match):

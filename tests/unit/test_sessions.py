@@ -26,7 +26,7 @@ def reference_answer(tokenizer, folder, messages, config) -> str:
 
     model = tiny_model(tokenizer, seed=0)
     if folder is not None:
-        model = get_peft_model(model, lora_config(config), adapter_name="ref")
+        model = get_peft_model(model, lora_config(config, model), adapter_name="ref")
         load_adapter_weights(model, "ref", folder)
     ids = ChatFormat(tokenizer).encode([], messages, add_generation_prompt=True)
     return tokenizer.decode(generate_ids(model, tokenizer, ids, config.max_new_tokens), skip_special_tokens=True).strip()
