@@ -157,7 +157,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         options = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
-        meta = {"command": "python benchmarks/round_cost.py " + " ".join(f"--{k} {v}" for k, v in options.items()),
+        meta = {"command": "python benchmarks/round_cost.py "
+                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()),
                 "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "config": engine.config.model_dump(mode="json"),
                 "before_config": other.config.model_dump(mode="json")}
