@@ -80,7 +80,8 @@ class AbsorberConfig(BaseModel):
         min_length=1,
         description="Decoder layers to adapt, by index; negative ones count from the top ([-8, ..., -1] = the last "
         "8 of any model). None adapts every layer. A step's backward pass stops at the lowest adapted layer, so "
-        "upper layers alone train cheaper steps.",
+        "upper layers alone train cheaper steps, at a price in fidelity (BENCHMARKS.md, 'Adapting the upper layers "
+        "only').",
     )
 
     # --- Algorithm 1: one absorption ----------------------------------------

@@ -176,12 +176,17 @@ def test_cued_questions_end_their_prompt_with_the_answer_start(make_memory):
     assert chat.cues == persona_conversation(5, cued=True).cues[:3]
 
 
-def test_streaming_variants_add_rows_with_their_overrides(tmp_path):
+def stream_variant(tmp_path, name, *settings):
+    """Run the quick streaming bench on the tiny model with one variant row; its JSON and rows by method."""
     argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
-            "--teachers", "history", "--variant", "plain", "sync_recitation=off", 'losses={"l1":1}']
+            "--teachers", "history", "--variant", name, *settings]
     assert main(argv) == 0
     data = json.loads((tmp_path / "streaming.json").read_text())
-    rows = {r["method"]: r for r in data["rows"]}
+    return data, {r["method"]: r for r in data["rows"]}
+
+
+def test_streaming_variants_add_rows_with_their_overrides(tmp_path):
+    data, rows = stream_variant(tmp_path, "plain", "sync_recitation=off", 'losses={"l1":1}')
     assert list(rows) == ["full", "truncation", "summary", "one-shot", "stream-history", "stream-plain"]
     assert data["settings"]["streams"]["stream-plain"] == {"sync_recitation": "off", "losses": {"l1": 1}}
     plain_jobs = [j for j in data["raw"]["stream-plain"][0]["jobs"] if j["kind"] == "round"]
@@ -190,11 +195,7 @@ def test_streaming_variants_add_rows_with_their_overrides(tmp_path):
 
 
 def test_a_consolidating_stream_counts_its_seconds_but_not_its_tokens(tmp_path):
-    argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
-            "--teachers", "history", "--variant", "nocons", "consolidate_when_idle=null"]
-    assert main(argv) == 0
-    data = json.loads((tmp_path / "streaming.json").read_text())
-    rows = {r["method"]: r for r in data["rows"]}
+    data, rows = stream_variant(tmp_path, "nocons", "consolidate_when_idle=null")
     plain, cons = data["raw"]["stream-nocons"][0], data["raw"]["stream-history"][0]  # the default consolidates
     assert [j["kind"] for j in cons["jobs"]] == [j["kind"] for j in plain["jobs"]] + ["consolidation"]
     assert cons["jobs"][-1]["context_tokens"] > 0  # it re-taught the whole history ...
@@ -270,11 +271,7 @@ def test_streaming_sessions_out_of_the_split_are_refused(tmp_path, k):
 
 
 def test_a_stream_adapting_other_layers_is_scored_with_its_own_adapter_shape(tmp_path):
-    argv = ["bench", "streaming", "--quick", "--model", "tiny", "--threads", "1", "--out", str(tmp_path),
-            "--teachers", "history", "--variant", "top", "lora_layers=[-1]"]
-    assert main(argv) == 0
-    data = json.loads((tmp_path / "streaming.json").read_text())
-    rows = {r["method"]: r for r in data["rows"]}
+    data, rows = stream_variant(tmp_path, "top", "lora_layers=[-1]")
     assert rows["stream-top"]["gap_closed"] is not None and rows["stream-top"]["train_gflops"] > 0
     top, every = data["raw"]["stream-top"][0], data["raw"]["stream-history"][0]
     assert top["answers"] != every["answers"] or top["kl_sum"] != every["kl_sum"]  # another adapter was scored
