@@ -182,14 +182,17 @@ def _streaming(
             return tiny_model_and_tokenizer()
         return model, None
 
+    def configured(extra: dict[str, Any]) -> AbsorberConfig:
+        """The run's config with a row's overrides (validated again: `model_copy` does not validate)."""
+        return AbsorberConfig(**config.model_copy(update=extra).model_dump())
+
     def load_engine(extra: dict[str, Any]) -> Any:
         m, tok = loaded()
-        return AbsorptionEngine(m, tokenizer=tok, config=AbsorberConfig(**config.model_copy(update=extra).model_dump()))
+        return AbsorptionEngine(m, tokenizer=tok, config=configured(extra))
 
     def make_memory(data_dir: Path, extra: dict[str, Any]) -> Any:
         m, tok = loaded()
-        cfg = config.model_copy(update=extra)
-        return AbsorberMemory(m, tokenizer=tok, config=AbsorberConfig(**cfg.model_dump()), data_dir=data_dir)
+        return AbsorberMemory(m, tokenizer=tok, config=configured(extra), data_dir=data_dir)
 
     chats = agent_chats(
         st[split],

@@ -247,14 +247,15 @@ def evaluate_chat(
     return results
 
 
+def decoder_linears(model: Any) -> list[tuple[str, torch.nn.Linear]]:
+    """The base model's linear layers but the LM head, by name (a PEFT model's base layers; LoRA's own excluded)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+
+
 def linear_params(model: Any) -> int:
     """Weights of the decoder's linear layers (the matmuls a training step runs; embeddings and head excluded)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return sum(
-        m.weight.numel()
-        for n, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
-    )
+    return sum(m.weight.numel() for _, m in decoder_linears(model))
 
 
 def step_linear_flops(model: Any, lora_layers: list[int] | None = None) -> int:
@@ -269,11 +270,10 @@ def step_linear_flops(model: Any, lora_layers: list[int] | None = None) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lowest = 0 if lora_layers is None else min(resolve_layers(lora_layers, decoder_layer_count(base)))
     forward = backward = 0
-    for name, module in base.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            index = re.search(r"\.(\d+)\.", name + ".")
-            forward += module.weight.numel()
-            backward += module.weight.numel() if index is None or int(index.group(1)) >= lowest else 0
+    for name, module in decoder_linears(base):
+        index = re.search(r"\.(\d+)\.", name + ".")
+        forward += module.weight.numel()
+        backward += module.weight.numel() if index is None or int(index.group(1)) >= lowest else 0
     return 2 * (forward + backward)
 
 
@@ -296,12 +296,7 @@ def model_matmul_peak_flops(model: Any, tokens: int, repeats: int = 3) -> float:
     back with nothing else (best of `repeats`). Small layers run below the square-matmul peak; this is
     the ceiling a step at these shapes could reach.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shapes = [
-        tuple(m.weight.shape)
-        for n, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
-    ]
+    shapes = [tuple(m.weight.shape) for _, m in decoder_linears(model)]
     weights = {shape: torch.randn(*shape) for shape in set(shapes)}
     inputs = {shape: (torch.randn(tokens, shape[1]), torch.randn(tokens, shape[0])) for shape in set(shapes)}
     best = float("inf")
