@@ -150,6 +150,21 @@ class AbsorberConfig(BaseModel):
     absorb_tokens: int = Field(256, gt=0, description="About how many of the oldest tokens to absorb per round (n).")
     sync_tokens: int = Field(256, ge=0, description="Most tokens of following turns used as sync text S (m).")
     auto_absorb: bool = Field(True, description="Absorb as soon as the window overflows when messages are added.")
+    absorb_when: Literal["overflow", "idle"] = Field(
+        "overflow",
+        description="AbsorberMemory, with `auto_absorb`: when a session's overflow is absorbed. `overflow` = in "
+        "rounds of `absorb_tokens` as soon as the window overflows (Algorithm 2); `idle` = the overflow stays in "
+        "the prompt until the session has had no new message for `idle_seconds` (or `flush` is called, or the "
+        "window no longer fits the prompt), then one round absorbs everything beyond `window_tokens`, its sync "
+        "text the whole window left behind: one larger, rarer round that needs no consolidation after it.",
+    )
+    idle_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="With `absorb_when='idle'`: seconds without a new message in a session before its overflow "
+        "is absorbed.",
+    )
     consolidate_when_idle: float | None = Field(
         0.0,
         ge=0,

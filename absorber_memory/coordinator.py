@@ -30,7 +30,7 @@ from .layout import SessionLayout
 from .probes import recitation_tokens
 from .queue import AbsorptionQueue, JobHandle
 from .store import JobRow, Store, StoredMessage
-from .stream import consolidation_following, plan_absorption, teacher_tokens
+from .stream import consolidation_following, plan_absorption, replayed_overflow, teacher_tokens
 
 log = logging.getLogger("absorber_memory.sessions")
 
@@ -65,6 +65,11 @@ class JobCoordinator:
         self.queue: AbsorptionQueue | None = None
         self._specs: dict[int, JobSpec] = {}
         self._idle: dict[str, threading.Timer] = {}  # session -> timer that consolidates it when it stays idle
+        # absorb_when="idle": session -> timer that absorbs its overflow, and that timer's token (a restarted
+        # timer's late callback sees a newer token and does nothing)
+        self._waiting: dict[str, threading.Timer] = {}
+        self._timer_ids: dict[str, object] = {}
+        self._merged: set[int] = set()  # deferred rounds' jobs: they sync on the whole window, so no consolidation
         # session -> newest message id when its committed adapter's job was prepared (what that job could read)
         self._taught: dict[str, int] = {}
         self._read: dict[int, int] = {}  # running job -> newest message id of its session when prepared
@@ -98,36 +103,98 @@ class JobCoordinator:
         return self.queue
 
     # --- planning ------------------------------------------------------------------------------
-    def schedule(self, session_id: str, *, everything: bool = False) -> list[JobHandle]:
-        """Queue absorption rounds for the session's unclaimed overflow (all of it with `everything`)."""
+    def schedule(self, session_id: str, *, everything: bool = False, due: bool = False) -> list[JobHandle]:
+        """Queue absorption rounds for the session's unclaimed overflow (all of it with `everything`).
+
+        With `absorb_when="idle"` the overflow waits (an idle timer restarts) unless `due` (the session went
+        idle, or `flush`) or the window no longer fits the prompt; then one round absorbs it (`_deferred_round`).
+        """
         with self.lock:
             claimed = [i for job in self.store.jobs(session_id, PENDING) for i in job.context_ids]
-            free = [
-                m
-                for m in self.store.messages(session_id, window_only=True)
-                if m.role != "system" and m.id > max(claimed, default=0)
-            ]
+            window = [m for m in self.store.messages(session_id, window_only=True) if m.role != "system"]
+            free = [m for m in window if m.id > max(claimed, default=0)]
             cfg, rounds = self.config, []
-            while True:
-                plan = plan_absorption(
+            deferred = cfg.absorb_when == "idle" and not everything
+            if deferred:
+                fits = self.limit is None or sum(self.fmt.count(m.as_chat()) for m in window) <= self.limit
+                if not due and fits:
+                    self._defer(session_id)
+                    return []
+                rounds = self._deferred_round(free)
+            else:
+                while plan := plan_absorption(
                     [self.fmt.count(m.as_chat()) for m in free],
                     [m.role for m in free],
                     window_tokens=0 if everything else cfg.window_tokens,
                     absorb_tokens=cfg.absorb_tokens,
                     sync_tokens=cfg.sync_tokens,
                     keep_newest=not everything,
-                )
-                if plan is None:
-                    break
-                following = free[plan.absorb : plan.absorb + plan.sync]
-                rounds.append(([m.id for m in free[: plan.absorb]], [m.id for m in following]))
-                free = free[plan.absorb :]
+                ):
+                    following = free[plan.absorb : plan.absorb + plan.sync]
+                    rounds.append(([m.id for m in free[: plan.absorb]], [m.id for m in following]))
+                    free = free[plan.absorb :]
             if not rounds:
                 self._reconsolidate_if_grown(session_id)
                 return []
             job_ids = self.store.insert_jobs(session_id, rounds)
+            if deferred:
+                self._merged.update(job_ids)
             log.info("session %r: queued absorption jobs %s", session_id, job_ids)
             return [self._queue().submit(j, session_id) for j in job_ids]
+
+    def _deferred_round(self, free: list[StoredMessage]) -> list[tuple[list[int], list[int]]]:
+        """`absorb_when="idle"`: one round `(C ids, S ids)` for the waiting overflow, or none.
+
+        C is what the rounds would have absorbed had the messages come one at a time
+        (`stream.replayed_overflow`), so the same window is left behind; S is all of that window, so the
+        probes sit where the next question will (as a consolidation on the whole window does).
+        """
+        cfg = self.config
+        end = replayed_overflow(
+            [self.fmt.count(m.as_chat()) for m in free],
+            [m.role for m in free],
+            window_tokens=cfg.window_tokens,
+            absorb_tokens=cfg.absorb_tokens,
+        )
+        if end == 0:
+            return []
+        return [([m.id for m in free[:end]], [m.id for m in free[end:]])]
+
+    def _defer(self, session_id: str) -> None:
+        """Restart the session's idle timer: its overflow is absorbed after `idle_seconds` without a new message."""
+        if (old := self._waiting.pop(session_id, None)) is not None:
+            old.cancel()
+        timer_id = object()
+        timer = threading.Timer(self.config.idle_seconds, self._absorb_if_idle, (session_id, timer_id))
+        timer.daemon = True
+        self._waiting[session_id] = timer
+        self._timer_ids[session_id] = timer_id
+        timer.start()
+
+    def _absorb_if_idle(self, session_id: str, timer_id: object) -> None:
+        """The idle timer: absorb the session's overflow unless a newer message restarted the timer."""
+        with self.lock:
+            if self._timer_ids.get(session_id) is not timer_id or self.queue is None or self.queue.closed:
+                return
+            self._waiting.pop(session_id, None)
+            self._timer_ids.pop(session_id, None)
+            try:
+                self.schedule(session_id, due=True)
+            except Exception as exc:  # a timer thread must not die loudly; the messages stay in the window
+                log.warning("session %r: deferred absorption not queued: %s", session_id, exc)
+
+    def absorb_due(self, session_id: str | None = None) -> None:
+        """`absorb_when="idle"`: absorb the waiting overflow now (of one session, or of every one waiting)."""
+        if self.config.absorb_when != "idle":
+            return
+        with self.lock:
+            sessions = [session_id] if session_id is not None else list(self._waiting)
+            for sid in sessions:
+                if (timer := self._waiting.pop(sid, None)) is not None:
+                    timer.cancel()
+                self._timer_ids.pop(sid, None)
+                if self.store.session(sid) is not None:
+                    self.schedule(sid, due=True)
 
     # --- consolidation ---------------------------------------------------------------------------
     def consolidate(self, session_id: str, *, quiet: bool = False) -> JobHandle | None:
@@ -245,9 +312,10 @@ class JobCoordinator:
                 log.warning("session %r: consolidation not queued: %s", session_id, exc)
 
     def close(self) -> None:
-        """Stop the idle timers (call before closing the queue)."""
+        """Stop the idle timers (call before closing the queue); deferred overflow is planned again on start."""
         with self.lock:
-            timers, self._idle = list(self._idle.values()), {}
+            timers = [*self._idle.values(), *self._waiting.values()]
+            self._idle, self._waiting, self._timer_ids = {}, {}, {}
         for timer in timers:
             timer.cancel()
 
@@ -259,7 +327,11 @@ class JobCoordinator:
         return row.adapter_version, self.layout.adapter_dir(session_id, row.adapter_version)
 
     def wait(self, session_id: str | None = None, timeout: float | None = None) -> list[JobInfo]:
-        """Block until no job is pending (of one session, or all); returns the jobs that ended meanwhile."""
+        """Block until no job is pending (of one session, or all); returns the jobs that ended meanwhile.
+
+        With `absorb_when="idle"`, overflow waiting for its session to go idle is absorbed first.
+        """
+        self.absorb_due(session_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         ended: dict[int, JobInfo] = {}
         while futures := self._queue().pending(session_id):
@@ -275,8 +347,10 @@ class JobCoordinator:
     # --- forgetting ------------------------------------------------------------------------------
     def forget_session(self, session_id: str) -> bool:
         """Cancel the session's jobs, then delete its rows and folders; returns whether it existed."""
-        if (timer := self._idle.pop(session_id, None)) is not None:
-            timer.cancel()
+        for timers in (self._idle, self._waiting):
+            if (timer := timers.pop(session_id, None)) is not None:
+                timer.cancel()
+        self._timer_ids.pop(session_id, None)
         self._taught.pop(session_id, None)
         self._queue().cancel_session(session_id, "session forgotten")
         with self.lock:
@@ -362,14 +436,17 @@ class JobCoordinator:
                 raise JobCancelled(f"job {job_id}: its session changed while it ran; result discarded")
             commit_version(self.store, self.layout, job, result.version, result.report, spec.base_version)
             self._taught[spec.session_id] = self._read.pop(job_id, 0)
-            if not job.consolidation:
+            if not job.consolidation and job_id not in self._merged:
                 self._after_round(spec.session_id, result.version)
+            self._merged.discard(job_id)
 
     def finish(self, job_id: int, status: JobStatus, error: str) -> None:
         """Record a job that did not commit: interrupted by `close` (back to queued), failed or cancelled."""
         with self.lock:
             spec = self._specs.pop(job_id, None)
             self._read.pop(job_id, None)
+            if status != JobStatus.QUEUED:
+                self._merged.discard(job_id)
             if spec is not None:
                 self.layout.remove_version(spec.session_id, spec.version)
             job = self.store.job(job_id)

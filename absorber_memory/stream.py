@@ -91,6 +91,26 @@ def plan_absorption(
     return AbsorbPlan(absorb=end, sync=n_sync, absorb_tokens=absorbed, sync_tokens=synced)
 
 
+def replayed_overflow(counts: list[int], roles: list[str], *, window_tokens: int, absorb_tokens: int) -> int:
+    """How many of the oldest messages the rounds would have absorbed, had the messages come one at a time.
+
+    Replays `plan_absorption` after each message (what `absorb_when="overflow"` does as they are added),
+    so a single deferred round (`absorb_when="idle"`) takes exactly the turns those rounds would have
+    taken, and leaves the same window behind.
+    """
+    start = 0
+    for end in range(1, len(counts) + 1):
+        while plan := plan_absorption(
+            counts[start:end],
+            roles[start:end],
+            window_tokens=window_tokens,
+            absorb_tokens=absorb_tokens,
+            sync_tokens=0,
+        ):
+            start += plan.absorb
+    return start
+
+
 def fit_window(counts: list[int], roles: list[str], budget: int) -> int:
     """Where the prompt's window starts: the oldest turn boundary whose tail fits `budget` tokens.
 

@@ -3,8 +3,9 @@
 A streaming round trains on the turns right after C (the window's first `--sync` tokens) and probes
 after them, so its adapter learns what C does to text close to it. Questions asked later come after
 a longer window, where the full-context model leans on C less. On long dev sessions (persona facts,
-then 12 real chats, about 4k tokens), with the last `--window` tokens of turns kept in the prompt and
-the rest as C, per session (plain recipe: L1 on hidden states, probes, no recitation):
+then `--chats` real chats, 12 by default: about 4k tokens), with the last `--window` tokens of turns kept
+in the prompt and the rest as C, per session (`--recipe plain` by default: L1 on hidden states, probes,
+no recitation; `--recipe defaults`: the library's defaults):
 
 - `truncation`: the window only, no adapter;
 - `near`: one round, frozen teacher, sync text = the window's first `--sync` tokens of turns and the
@@ -21,6 +22,8 @@ answers to the held-out questions, and the gap closed against truncation.
     python benchmarks/dev_window_distance.py --sessions 100 101 102 103 --window 1024 --json bench-out/distance.json
     python benchmarks/dev_window_distance.py --sessions 100 101 102 --arms near+far@10 near+far@15 \
         --json bench-out/distance-steps.json
+    python benchmarks/dev_window_distance.py --sessions 100 101 --chats 1 --window 256 --recipe defaults \
+        --arms near far --json bench-out/distance-short.json
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 
 from absorber_memory.bench.data import Conversation
 from absorber_memory.bench.experiments import capped
-from absorber_memory.bench.methods import references, score
+from absorber_memory.bench.methods import recall_hit, references, score
 from absorber_memory.bench.streaming import agent_chats
 from absorber_memory.engine import AbsorptionEngine
 from absorber_memory.models import DEFAULT_MODEL
@@ -47,16 +50,21 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024, help="tokens of recent turns kept in the prompt")
     parser.add_argument("--sync", type=int, default=128, help="tokens of the window's first turns a round trains on")
     parser.add_argument("--arms", nargs="+", default=["near", "near+far", "far"])
+    parser.add_argument("--chats", type=int, default=12, help="real chats after the facts (1: the short sessions)")
+    parser.add_argument(
+        "--recipe",
+        choices=["plain", "defaults"],
+        default="plain",
+        help="plain: L1, probes, no recitation; defaults: the library's defaults (recitation, logit KL)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    engine = AbsorptionEngine(
-        DEFAULT_MODEL,
-        config=dict(num_threads=args.threads, show_progress=False, sync_recitation="off", losses={"l1": 1.0}),
-    )
+    plain = dict(sync_recitation="off", losses={"l1": 1.0}) if args.recipe == "plain" else {}
+    engine = AbsorptionEngine(DEFAULT_MODEL, config=dict(num_threads=args.threads, show_progress=False, **plain))
     rows = []
-    for chat in agent_chats(args.sessions, 14, chitchat_seed=1, queries=6, chats=12):
+    for chat in agent_chats(args.sessions, 14, chitchat_seed=1, queries=6, chats=args.chats):
         messages = chat.messages
         start = fit_window([engine.fmt.count(m) for m in messages], [m["role"] for m in messages], args.window)
         context, window = messages[:start], messages[start:]
@@ -66,12 +74,19 @@ def main() -> None:
         def kl(result: dict) -> float:
             return result["kl_sum"] / result["tokens"]
 
-        trunc = kl(score(engine, conv, refs, chat.prefix, with_context=False, adapter=False, max_new_tokens=24))
+        def hits(answers: list[str], refs: list = refs) -> list[bool]:
+            """Per question, whether the answer states the fact (as `bench streaming` counts it)."""
+            return [bool(ref.keywords) and recall_hit(a, ref.keywords) for ref, a in zip(refs, answers, strict=True)]
+
+        scored = score(engine, conv, refs, chat.prefix, with_context=False, adapter=False, max_new_tokens=24)
+        trunc = kl(scored)
         row: dict = {
             "chat": chat.name,
             "context_tokens": len(engine.fmt.encode([], context)),
             "window_tokens": sum(engine.fmt.count(m) for m in window),
             "truncation_kl": trunc,
+            "full_hits": hits([r.answer for r in refs]),
+            "truncation_hits": hits(scored["answers"]),
         }
         near = capped(engine, window, args.sync)
         n = engine.config.probe_count
@@ -87,13 +102,21 @@ def main() -> None:
             if arm == "far":
                 engine.run_round(chat.prefix, context, [], n_probes=n, following=window, base_teacher=True)
             seconds = time.perf_counter() - began
-            value = kl(score(engine, conv, refs, chat.prefix, with_context=False, adapter=True, max_new_tokens=24))
-            row[arm] = {"kl": value, "gap_closed": 1 - value / trunc, "seconds": seconds}
+            scored = score(engine, conv, refs, chat.prefix, with_context=False, adapter=True, max_new_tokens=24)
+            value = kl(scored)
+            row[arm] = {
+                "kl": value,
+                "gap_closed": 1 - value / trunc,
+                "seconds": seconds,
+                "hits": hits(scored["answers"]),
+            }
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"window": args.window, "sync": args.sync, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"window": args.window, "sync": args.sync, "recipe": args.recipe, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":
