@@ -163,7 +163,7 @@ class AbsorberConfig(BaseModel):
         ge=0,
         le=86_400,
         description="With `absorb_when='idle'`: seconds without a new message in a session before its overflow "
-        "is absorbed.",
+        "is absorbed (0: as soon as each add returns, in one round for what that add brought).",
     )
     consolidate_when_idle: float | None = Field(
         0.0,

@@ -69,7 +69,9 @@ class JobCoordinator:
         # timer's late callback sees a newer token and does nothing)
         self._waiting: dict[str, threading.Timer] = {}
         self._timer_ids: dict[str, object] = {}
-        self._merged: set[int] = set()  # deferred rounds' jobs: they sync on the whole window, so no consolidation
+        # deferred rounds' jobs: they sync on the whole window, so no consolidation follows them (one resumed
+        # after a restart is not known as such and gets the usual consolidation: more compute, nothing lost)
+        self._merged: set[int] = set()
         # session -> newest message id when its committed adapter's job was prepared (what that job could read)
         self._taught: dict[str, int] = {}
         self._read: dict[int, int] = {}  # running job -> newest message id of its session when prepared
@@ -117,9 +119,10 @@ class JobCoordinator:
             deferred = cfg.absorb_when == "idle" and not everything
             if deferred:
                 fits = self.limit is None or sum(self.fmt.count(m.as_chat()) for m in window) <= self.limit
-                if not due and fits:
-                    self._defer(session_id)
-                    return []
+                if not due:
+                    self._defer(session_id)  # whatever a full prompt makes absorb now, the rest waits for idle
+                    if fits:
+                        return []
                 rounds = self._deferred_round(free)
             else:
                 while plan := plan_absorption(

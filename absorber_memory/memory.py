@@ -31,7 +31,7 @@ from .jobs import StepCallback
 from .models import DEFAULT_MODEL, identity_mismatch
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
 from .recall import Recalled, recall_answers
-from .stream import consolidation_following, plan_absorption
+from .stream import consolidation_following, plan_absorption, replayed_overflow
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,31 @@ class ParametricMemory:
             raise InvalidMessageError("system messages must come before the conversation starts")
         self._prefix += prefix
         self._transcript += rest
-        return self.absorb_overflow() if self.config.auto_absorb else []
+        return self.absorb_overflow() if self.config.auto_absorb and self.config.absorb_when == "overflow" else []
 
     def absorb_overflow(self) -> list[AbsorptionReport]:
-        """Absorb the oldest turns until the window fits `window_tokens` (Algorithm 2)."""
+        """Absorb the oldest turns until the window fits `window_tokens` (Algorithm 2).
+
+        With `absorb_when="idle"`, `add_messages` leaves the overflow in the window and this call (made
+        when the conversation pauses) absorbs it in one round: the turns the rounds would have taken
+        message by message, synced on the whole window left behind.
+        """
         reports = []
         cfg = self.config
-        while True:
+        if cfg.absorb_when == "idle":
+            window = self._transcript[self._absorbed :]
+            end = replayed_overflow(
+                [self.fmt.count(m) for m in window],
+                [m["role"] for m in window],
+                window_tokens=cfg.window_tokens,
+                absorb_tokens=cfg.absorb_tokens,
+            )
+            if end:
+                report = self._round(self._prefix, window[:end], [], cfg.probe_count, following=window[end:])
+                self._log.append({"first": self._absorbed, "count": end, "report": report.to_dict()})
+                self._absorbed += end
+                reports.append(report)
+        while cfg.absorb_when == "overflow":
             window = self._transcript[self._absorbed :]
             plan = plan_absorption(
                 [self.fmt.count(m) for m in window],

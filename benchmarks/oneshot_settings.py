@@ -6,6 +6,7 @@ fidelity under them. Each setting starts from a fresh adapter; the KL gap closed
 demo's held-out questions with the chat gone.
 
     python benchmarks/oneshot_settings.py --threads 1
+    python benchmarks/oneshot_settings.py --threads 2 --settings "current default" "4 probes"
 """
 
 from __future__ import annotations
@@ -22,17 +23,26 @@ from absorber_memory.models import DEFAULT_MODEL, load_model
 SETTINGS = {
     "previous default": PLAIN_RECIPE,
     "current default": {},
+    "4 probes": {"probe_count": 4},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(SETTINGS),
+        default=["previous default", "current default"],
+        help="which settings to absorb with, in this order",
+    )
     args = parser.parse_args()
     model, tokenizer = load_model(DEFAULT_MODEL, device="cpu", num_threads=args.threads)
     memory = ParametricMemory(model, tokenizer=tokenizer, config=AbsorberConfig(num_threads=args.threads))
     context = [{"role": "system", "content": SYSTEM_PROMPT}, *PERSONA_CHAT]
-    for name, extra in SETTINGS.items():
+    for name in args.settings:
+        extra = SETTINGS[name]
         memory.engine.reconfigure(**{**AbsorberConfig(num_threads=args.threads).model_dump(), **extra})  # fresh adapter
         started = time.perf_counter()
         memory.absorb(context)

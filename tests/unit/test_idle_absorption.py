@@ -180,3 +180,22 @@ def test_overflow_mode_is_unchanged(make_service):
     assert len(memory.jobs("s")) >= 2
     check_invariants(memory, "s", ids)
     absorbed_once(memory, "s")
+
+
+# --- one conversation (ParametricMemory) -------------------------------------------------------
+def test_parametric_memory_absorbs_the_overflow_in_one_round_when_asked(make_memory):
+    budgets = dict(window_tokens=60, absorb_tokens=30, sync_tokens=30)
+    rounds, idle = make_memory(**budgets), make_memory(absorb_when="idle", **budgets)
+    for k in range(6):
+        for message in turn(k):
+            rounds.add_messages([message])
+            assert idle.add_messages([message]) == []  # nothing absorbed while the conversation goes on
+    assert idle.absorbed_messages == [] and idle.window == idle.transcript
+    reports = idle.absorb_overflow()
+    assert len(reports) == 1 and len(rounds.absorption_log) >= 3
+    assert idle.window == rounds.window and idle.absorbed_messages == rounds.absorbed_messages
+    entry = idle.absorption_log[0]
+    assert entry["first"] == 0 and entry["count"] == len(idle.absorbed_messages)
+    sync_messages = sum(idle.fmt.count(m) for m in idle.window)
+    assert reports[0].sync_tokens > sync_messages  # the whole window, then the probes and recitation
+    assert idle.absorb_overflow() == []  # nothing left over the window: nothing more to absorb
