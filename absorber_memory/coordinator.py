@@ -65,10 +65,9 @@ class JobCoordinator:
         self.queue: AbsorptionQueue | None = None
         self._specs: dict[int, JobSpec] = {}
         self._idle: dict[str, threading.Timer] = {}  # session -> timer that consolidates it when it stays idle
-        # absorb_when="idle": session -> timer that absorbs its overflow, and that timer's token (a restarted
-        # timer's late callback sees a newer token and does nothing)
+        # absorb_when="idle": session -> timer that absorbs its overflow (a restarted timer's late callback
+        # finds another timer here and does nothing)
         self._waiting: dict[str, threading.Timer] = {}
-        self._timer_ids: dict[str, object] = {}
         # deferred rounds' jobs: they sync on the whole window, so no consolidation follows them (one resumed
         # after a restart is not known as such and gets the usual consolidation: more compute, nothing lost)
         self._merged: set[int] = set()
@@ -167,20 +166,21 @@ class JobCoordinator:
         """Restart the session's idle timer: its overflow is absorbed after `idle_seconds` without a new message."""
         if (old := self._waiting.pop(session_id, None)) is not None:
             old.cancel()
-        timer_id = object()
-        timer = threading.Timer(self.config.idle_seconds, self._absorb_if_idle, (session_id, timer_id))
+        timer = threading.Timer(self.config.idle_seconds, self._absorb_if_idle, (session_id,))
         timer.daemon = True
         self._waiting[session_id] = timer
-        self._timer_ids[session_id] = timer_id
         timer.start()
 
-    def _absorb_if_idle(self, session_id: str, timer_id: object) -> None:
-        """The idle timer: absorb the session's overflow unless a newer message restarted the timer."""
+    def _absorb_if_idle(self, session_id: str) -> None:
+        """The idle timer (this thread): absorb the session's overflow unless a newer message restarted it."""
         with self.lock:
-            if self._timer_ids.get(session_id) is not timer_id or self.queue is None or self.queue.closed:
+            if (
+                self._waiting.get(session_id) is not threading.current_thread()
+                or self.queue is None
+                or self.queue.closed
+            ):
                 return
-            self._waiting.pop(session_id, None)
-            self._timer_ids.pop(session_id, None)
+            del self._waiting[session_id]
             try:
                 self.schedule(session_id, due=True)
             except Exception as exc:  # a timer thread must not die loudly; the messages stay in the window
@@ -195,7 +195,6 @@ class JobCoordinator:
             for sid in sessions:
                 if (timer := self._waiting.pop(sid, None)) is not None:
                     timer.cancel()
-                self._timer_ids.pop(sid, None)
                 if self.store.session(sid) is not None:
                     self.schedule(sid, due=True)
 
@@ -318,7 +317,7 @@ class JobCoordinator:
         """Stop the idle timers (call before closing the queue); deferred overflow is planned again on start."""
         with self.lock:
             timers = [*self._idle.values(), *self._waiting.values()]
-            self._idle, self._waiting, self._timer_ids = {}, {}, {}
+            self._idle, self._waiting = {}, {}
         for timer in timers:
             timer.cancel()
 
@@ -353,7 +352,6 @@ class JobCoordinator:
         for timers in (self._idle, self._waiting):
             if (timer := timers.pop(session_id, None)) is not None:
                 timer.cancel()
-        self._timer_ids.pop(session_id, None)
         self._taught.pop(session_id, None)
         self._queue().cancel_session(session_id, "session forgotten")
         with self.lock:

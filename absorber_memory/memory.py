@@ -163,35 +163,29 @@ class ParametricMemory:
         """
         reports = []
         cfg = self.config
-        if cfg.absorb_when == "idle":
+        while True:
             window = self._transcript[self._absorbed :]
-            end = replayed_overflow(
-                [self.fmt.count(m) for m in window],
-                [m["role"] for m in window],
-                window_tokens=cfg.window_tokens,
-                absorb_tokens=cfg.absorb_tokens,
-            )
-            if end:
-                report = self._round(self._prefix, window[:end], [], cfg.probe_count, following=window[end:])
-                self._log.append({"first": self._absorbed, "count": end, "report": report.to_dict()})
-                self._absorbed += end
-                reports.append(report)
-        while cfg.absorb_when == "overflow":
-            window = self._transcript[self._absorbed :]
-            plan = plan_absorption(
-                [self.fmt.count(m) for m in window],
-                [m["role"] for m in window],
-                window_tokens=cfg.window_tokens,
-                absorb_tokens=cfg.absorb_tokens,
-                sync_tokens=cfg.sync_tokens,
-            )
-            if plan is None:
+            counts, roles = [self.fmt.count(m) for m in window], [m["role"] for m in window]
+            if cfg.absorb_when == "idle":  # one round; what it leaves fits, so the next pass finds nothing
+                absorb = replayed_overflow(
+                    counts, roles, window_tokens=cfg.window_tokens, absorb_tokens=cfg.absorb_tokens
+                )
+                sync = len(window) - absorb
+            else:
+                plan = plan_absorption(
+                    counts,
+                    roles,
+                    window_tokens=cfg.window_tokens,
+                    absorb_tokens=cfg.absorb_tokens,
+                    sync_tokens=cfg.sync_tokens,
+                )
+                absorb, sync = (0, 0) if plan is None else (plan.absorb, plan.sync)
+            if absorb == 0:
                 break
-            context = window[: plan.absorb]
-            following = window[plan.absorb : plan.absorb + plan.sync]
-            report = self._round(self._prefix, context, [], cfg.probe_count, following=following)
-            self._log.append({"first": self._absorbed, "count": plan.absorb, "report": report.to_dict()})
-            self._absorbed += plan.absorb
+            following = window[absorb : absorb + sync]
+            report = self._round(self._prefix, window[:absorb], [], cfg.probe_count, following=following)
+            self._log.append({"first": self._absorbed, "count": absorb, "report": report.to_dict()})
+            self._absorbed += absorb
             reports.append(report)
         if self.window_tokens() > cfg.window_tokens:
             log.warning("the newest turn alone exceeds `window_tokens` (%d); it stays in the prompt", cfg.window_tokens)

@@ -37,7 +37,7 @@ import torch
 
 from absorber_memory.bench.data import Conversation
 from absorber_memory.bench.experiments import capped
-from absorber_memory.bench.methods import recall_hit, references, score
+from absorber_memory.bench.methods import fact_hits, references, score
 from absorber_memory.bench.streaming import agent_chats
 from absorber_memory.engine import AbsorptionEngine
 from absorber_memory.models import DEFAULT_MODEL
@@ -74,10 +74,6 @@ def main() -> None:
         def kl(result: dict) -> float:
             return result["kl_sum"] / result["tokens"]
 
-        def hits(answers: list[str], refs: list = refs) -> list[bool]:
-            """Per question, whether the answer states the fact (as `bench streaming` counts it)."""
-            return [bool(ref.keywords) and recall_hit(a, ref.keywords) for ref, a in zip(refs, answers, strict=True)]
-
         scored = score(engine, conv, refs, chat.prefix, with_context=False, adapter=False, max_new_tokens=24)
         trunc = kl(scored)
         row: dict = {
@@ -85,8 +81,8 @@ def main() -> None:
             "context_tokens": len(engine.fmt.encode([], context)),
             "window_tokens": sum(engine.fmt.count(m) for m in window),
             "truncation_kl": trunc,
-            "full_hits": hits([r.answer for r in refs]),
-            "truncation_hits": hits(scored["answers"]),
+            "full_hits": fact_hits(refs, [r.answer for r in refs]),
+            "truncation_hits": fact_hits(refs, scored["answers"]),
         }
         near = capped(engine, window, args.sync)
         n = engine.config.probe_count
@@ -108,7 +104,7 @@ def main() -> None:
                 "kl": value,
                 "gap_closed": 1 - value / trunc,
                 "seconds": seconds,
-                "hits": hits(scored["answers"]),
+                "hits": fact_hits(refs, scored["answers"]),
             }
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -98,6 +98,11 @@ def recall_hit(answer: str, keywords: list[str]) -> bool:
     return any(k.lower() in answer.lower() for k in keywords)
 
 
+def fact_hits(refs: list[Reference], answers: list[str]) -> list[bool]:
+    """Per question, whether the answer states its fact (a question without keywords never counts)."""
+    return [bool(ref.keywords) and recall_hit(a, ref.keywords) for ref, a in zip(refs, answers, strict=True)]
+
+
 def score_each(
     pm: Any,
     conv: Conversation,

@@ -43,7 +43,7 @@ import torch
 from ..chat import Message
 from .data import Conversation, chitchat_conversations, persona_conversation
 from .experiments import capped
-from .methods import recall_hit, references, score
+from .methods import fact_hits, references, score
 
 SUMMARY_UPDATE = (
     "Update the summary of our conversation with the messages above. Keep every name, place, job, number and "
@@ -240,9 +240,7 @@ def evaluate_chat(
             wall_seconds=stream["wall_seconds"],
         )
     for result in results.values():
-        result["hit_list"] = [
-            bool(ref.keywords) and recall_hit(a, ref.keywords) for ref, a in zip(refs, result["answers"], strict=True)
-        ]
+        result["hit_list"] = fact_hits(refs, result["answers"])
     results["full"]["references"] = [r.answer for r in refs]
     return results
 
