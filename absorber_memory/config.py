@@ -156,7 +156,8 @@ class AbsorberConfig(BaseModel):
         "rounds of `absorb_tokens` as soon as the window overflows (Algorithm 2); `idle` = the overflow stays in "
         "the prompt until the session has had no new message for `idle_seconds` (or `flush` is called, or the "
         "window no longer fits the prompt), then one round absorbs everything beyond `window_tokens`, its sync "
-        "text the whole window left behind: one larger, rarer round that needs no consolidation after it.",
+        "text the window left behind (as a consolidation's: `consolidation_sync`): one larger, rarer round that "
+        "needs no consolidation after it.",
     )
     idle_seconds: float = Field(
         30.0,
@@ -184,7 +185,8 @@ class AbsorberConfig(BaseModel):
     )
     consolidation_sync: Literal["window", "head"] = Field(
         "window",
-        description="Turns a consolidation's sync text starts with, before its probes: `window` = every turn still "
+        description="Turns a consolidation's (and an idle round's, `absorb_when='idle'`) sync text starts with, "
+        "before its probes: `window` = every turn still "
         "in the prompt, so the adapter learns what the absorbed turns do as far back as they now sit (a round "
         "trains right after them, and over-applies them once the window has grown); `head` = the window's oldest "
         "turns up to `sync_tokens`, as a round does.",

@@ -148,19 +148,22 @@ class JobCoordinator:
         """`absorb_when="idle"`: one round `(C ids, S ids)` for the waiting overflow, or none.
 
         C is what the rounds would have absorbed had the messages come one at a time
-        (`stream.replayed_overflow`), so the same window is left behind; S is all of that window, so the
-        probes sit where the next question will (as a consolidation on the whole window does).
+        (`stream.replayed_overflow`), so the same window is left behind; S starts as a consolidation's
+        does (`consolidation_sync`): all of that window, so the probes sit where the next question will,
+        or its oldest turns up to `sync_tokens`.
         """
         cfg = self.config
+        chats = [m.as_chat() for m in free]
         end = replayed_overflow(
-            [self.fmt.count(m.as_chat()) for m in free],
+            [self.fmt.count(m) for m in chats],
             [m.role for m in free],
             window_tokens=cfg.window_tokens,
             absorb_tokens=cfg.absorb_tokens,
         )
         if end == 0:
             return []
-        return [([m.id for m in free[:end]], [m.id for m in free[end:]])]
+        sync = len(consolidation_following(chats[end:], self.fmt.count, cfg.consolidation_sync, cfg.sync_tokens))
+        return [([m.id for m in free[:end]], [m.id for m in free[end : end + sync]])]
 
     def _defer(self, session_id: str) -> None:
         """Restart the session's idle timer: its overflow is absorbed after `idle_seconds` without a new message."""

@@ -159,7 +159,8 @@ class ParametricMemory:
 
         With `absorb_when="idle"`, `add_messages` leaves the overflow in the window and this call (made
         when the conversation pauses) absorbs it in one round: the turns the rounds would have taken
-        message by message, synced on the whole window left behind.
+        message by message, synced on the window left behind (all of it, or its oldest turns up to
+        `sync_tokens`: `consolidation_sync`).
         """
         reports = []
         cfg = self.config
@@ -170,7 +171,9 @@ class ParametricMemory:
                 absorb = replayed_overflow(
                     counts, roles, window_tokens=cfg.window_tokens, absorb_tokens=cfg.absorb_tokens
                 )
-                sync = len(window) - absorb
+                sync = len(
+                    consolidation_following(window[absorb:], self.fmt.count, cfg.consolidation_sync, cfg.sync_tokens)
+                )
             else:
                 plan = plan_absorption(
                     counts,

@@ -2,7 +2,8 @@
 
 The one round takes exactly the turns the rounds would have taken had the
 messages come one at a time, so the same window is left behind; its sync text
-is that whole window, so no consolidation follows it. It runs after
+is that whole window (or its oldest turns, `consolidation_sync="head"`), so no
+consolidation follows it. It runs after
 `idle_seconds` without a new message, on `flush`, or at once when the window
 no longer fits the prompt; a restart plans waiting overflow again. No message
 is ever lost or absorbed twice.
@@ -90,6 +91,21 @@ def test_overflow_waits_in_the_prompt_until_flush(make_service):
     window = [m.id for m in memory.window("s")]
     assert jobs[0].message_ids + jobs[0].following_ids == ids  # C, then the whole window as S
     assert jobs[0].following_ids == window and window
+    check_invariants(memory, "s", ids)
+    absorbed_once(memory, "s")
+
+
+def test_a_head_synced_idle_round_trains_on_the_window_s_oldest_turns_only(make_service):
+    memory = make_service(consolidation_sync="head", window_tokens=120, sync_tokens=40, **IDLE)
+    ids = added_turns(memory, "s", range(8))
+    memory.flush("s")
+    [job] = memory.jobs("s")
+    window = [m.id for m in memory.window("s")]
+    budget = memory.config.sync_tokens
+    counts = [memory.fmt.count(m.as_chat()) for m in memory.window("s")]
+    head = window[: next((k for k in range(len(counts) + 1) if sum(counts[: k + 1]) > budget or k == len(counts)))]
+    assert job.following_ids == head and 0 < len(head) < len(window)  # not the whole window, as "window" syncs
+    assert [m.id for m in memory.window("s")] == window  # the same window is left either way
     check_invariants(memory, "s", ids)
     absorbed_once(memory, "s")
 
@@ -199,3 +215,18 @@ def test_parametric_memory_absorbs_the_overflow_in_one_round_when_asked(make_mem
     sync_messages = sum(idle.fmt.count(m) for m in idle.window)
     assert reports[0].sync_tokens > sync_messages  # the whole window, then the probes and recitation
     assert idle.absorb_overflow() == []  # nothing left over the window: nothing more to absorb
+
+
+def test_parametric_memory_idle_round_honours_consolidation_sync(make_memory):
+    budgets = dict(
+        window_tokens=120, absorb_tokens=30, sync_tokens=40, absorb_when="idle", probe_count=1, sync_recitation="off"
+    )
+    whole, head = make_memory(**budgets), make_memory(consolidation_sync="head", **budgets)
+    for memory in (whole, head):
+        for k in range(8):
+            memory.add_messages(turn(k))
+    [w], [h] = whole.absorb_overflow(), head.absorb_overflow()
+    assert whole.window == head.window and whole.absorbed_messages == head.absorbed_messages
+    counts = [head.fmt.count(m) for m in head.window]
+    assert counts[0] <= 40 < sum(counts)  # the head is the first turn; the window is longer
+    assert w.sync_tokens - h.sync_tokens >= sum(counts[1:]) - 8  # what the head leaves out (give or take the probe)
