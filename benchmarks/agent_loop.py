@@ -61,7 +61,8 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
             latencies.append(time.perf_counter() - began)
             pending = [j for j in memory.jobs() if j.pending]
             backlog.append({"t": round(time.perf_counter() - start, 2), "pending_jobs": len(pending),
-                            "running": sum(j.status == "running" for j in pending)})
+                            "running": sum(j.status == "running" for j in pending),
+                            "window_tokens": memory.window_tokens(sid)})
     loop_seconds = time.perf_counter() - start
     drained = time.perf_counter()
     memory.flush()
@@ -86,6 +87,7 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
         # Absorbed tokens per second of wall time from the first turn until the backlog is drained.
         "sustained_tokens_per_s": absorbed / (loop_seconds + drain_seconds) if background else 0.0,
         "max_backlog": max(b["pending_jobs"] for b in backlog),
+        "max_window_tokens": max(b["window_tokens"] for b in backlog),  # the prompt a turn read, at most
         "backlog": backlog,
         "final_window_tokens": {f"user-{s}": memory.window_tokens(f"user-{s}") for s in range(sessions)},
     }
@@ -143,12 +145,13 @@ def main() -> None:
         return AbsorberMemory(model, tokenizer=tokenizer, config=config, data_dir=tempfile.mkdtemp(prefix="agent-loop-"))
 
     runs = [run_loop(make, args.sessions, args.turns, bg) for bg in (False, True)]
-    print(f"| {args.sessions} sessions x {args.turns} turns | turn p50 s | turn p95 s | loop s | max backlog | drain s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| {args.sessions} sessions x {args.turns} turns | turn p50 s | turn p95 s | loop s | max backlog "
+          "| max window tokens | drain s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         label = "background absorption" if r["background_absorption"] else "no absorption (window grows)"
         print(f"| {label} | {r['turn_p50_s']:.2f} | {r['turn_p95_s']:.2f} | {r['loop_seconds']:.0f} | "
-              f"{r['max_backlog']} | {r['drain_seconds_after_loop']:.0f} |")
+              f"{r['max_backlog']} | {r['max_window_tokens']} | {r['drain_seconds_after_loop']:.0f} |")
     bg = runs[1]
     print(f"background: {bg['rounds_done']} rounds + {bg['consolidations_done']} consolidations, "
           f"{bg['absorption_seconds']:.0f} s of absorption, {bg['absorbed_tokens']} tokens absorbed, "

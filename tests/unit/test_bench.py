@@ -145,6 +145,8 @@ def test_agent_loop_script_runs_on_the_tiny_model(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data and "adapter switch" in done.stdout
+    plain, absorbing = data["runs"]
+    assert plain["max_window_tokens"] >= absorbing["max_window_tokens"] > 0  # absorption holds the prompt down
 
 
 def test_agent_loop_script_names_a_bad_set_pair():
