@@ -66,6 +66,32 @@ def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
     assert sorted(listed) == ["one-shot", "stream-chained", "stream-history"] and (tmp_path / "curve.png").exists()
 
 
+def test_tradeoff_curve_keeps_a_row_name_with_another_result(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tradeoff_curve.py"
+    spec = importlib.util.spec_from_file_location("tradeoff_curve", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(name: str, gaps: dict) -> Path:
+        rows = [{"method": m, "kl": 0.03 * (1 - g), "s_per_absorbed_token": 0.1, "x_prefill_4k": 40.0,
+                 "gap_closed": g, "relative_recall": None} for m, g in gaps.items()]
+        rows.append({"method": "truncation", "kl": 0.03, "s_per_absorbed_token": None})
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": rows}))
+        return path
+
+    first = run("a", {"one-shot": 0.1, "stream-history": 0.2})
+    again = run("b", {"one-shot": 0.1, "stream-history": 0.2})  # the same settings run again
+    other = run("c", {"one-shot": 0.1, "stream-history": 0.7})  # `stream-history` under other --set's
+    got = module.points([first, again, other])
+    assert sorted((p["method"], p["run"]) for p in got) == [("one-shot", "a"), ("stream-history", "a"),
+                                                           ("stream-history", "c")]
+    assert [p["gap_closed"] for p in got if p["method"] == "stream-history"] == [0.2, 0.7]
+
+
 def test_streaming_dev_and_test_sessions_never_overlap():
     from absorber_memory.bench.cli import STREAMING
     from absorber_memory.bench.streaming import agent_chats
