@@ -30,7 +30,7 @@ from .layout import SessionLayout
 from .probes import recitation_tokens
 from .queue import AbsorptionQueue, JobHandle
 from .store import JobRow, Store, StoredMessage
-from .stream import consolidation_following, plan_absorption, replayed_overflow, teacher_tokens
+from .stream import consolidation_following, idle_round, plan_absorption, teacher_tokens
 
 log = logging.getLogger("absorber_memory.sessions")
 
@@ -68,7 +68,7 @@ class JobCoordinator:
         # absorb_when="idle": session -> timer that absorbs its overflow (a restarted timer's late callback
         # finds another timer here and does nothing)
         self._waiting: dict[str, threading.Timer] = {}
-        # deferred rounds' jobs: they sync on the whole window, so no consolidation follows them (one resumed
+        # deferred rounds' jobs: they sync as a consolidation would, so no consolidation follows them (one resumed
         # after a restart is not known as such and gets the usual consolidation: more compute, nothing lost)
         self._merged: set[int] = set()
         # session -> newest message id when its committed adapter's job was prepared (what that job could read)
@@ -153,16 +153,16 @@ class JobCoordinator:
         or its oldest turns up to `sync_tokens`.
         """
         cfg = self.config
-        chats = [m.as_chat() for m in free]
-        end = replayed_overflow(
-            [self.fmt.count(m) for m in chats],
-            [m.role for m in free],
+        end, sync = idle_round(
+            [m.as_chat() for m in free],
+            self.fmt.count,
             window_tokens=cfg.window_tokens,
             absorb_tokens=cfg.absorb_tokens,
+            sync_mode=cfg.consolidation_sync,
+            sync_tokens=cfg.sync_tokens,
         )
         if end == 0:
             return []
-        sync = len(consolidation_following(chats[end:], self.fmt.count, cfg.consolidation_sync, cfg.sync_tokens))
         return [([m.id for m in free[:end]], [m.id for m in free[end : end + sync]])]
 
     def _defer(self, session_id: str) -> None:

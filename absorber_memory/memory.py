@@ -31,7 +31,7 @@ from .jobs import StepCallback
 from .models import DEFAULT_MODEL, identity_mismatch
 from .persistence import atomic_write_dir, load_adapter_weights, read_json, recover_dir, save_adapter, write_json
 from .recall import Recalled, recall_answers
-from .stream import consolidation_following, plan_absorption, replayed_overflow
+from .stream import consolidation_following, idle_round, plan_absorption
 
 log = logging.getLogger(__name__)
 
@@ -166,18 +166,19 @@ class ParametricMemory:
         cfg = self.config
         while True:
             window = self._transcript[self._absorbed :]
-            counts, roles = [self.fmt.count(m) for m in window], [m["role"] for m in window]
             if cfg.absorb_when == "idle":  # one round; what it leaves fits, so the next pass finds nothing
-                absorb = replayed_overflow(
-                    counts, roles, window_tokens=cfg.window_tokens, absorb_tokens=cfg.absorb_tokens
-                )
-                sync = len(
-                    consolidation_following(window[absorb:], self.fmt.count, cfg.consolidation_sync, cfg.sync_tokens)
+                absorb, sync = idle_round(
+                    window,
+                    self.fmt.count,
+                    window_tokens=cfg.window_tokens,
+                    absorb_tokens=cfg.absorb_tokens,
+                    sync_mode=cfg.consolidation_sync,
+                    sync_tokens=cfg.sync_tokens,
                 )
             else:
                 plan = plan_absorption(
-                    counts,
-                    roles,
+                    [self.fmt.count(m) for m in window],
+                    [m["role"] for m in window],
                     window_tokens=cfg.window_tokens,
                     absorb_tokens=cfg.absorb_tokens,
                     sync_tokens=cfg.sync_tokens,

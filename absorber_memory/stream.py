@@ -145,6 +145,30 @@ def consolidation_following(
     raise ValueError(f"`consolidation_sync` must be 'window' or 'head', got {mode!r}")
 
 
+def idle_round(
+    messages: list[Message],
+    count: Callable[[Message], int],
+    *,
+    window_tokens: int,
+    absorb_tokens: int,
+    sync_mode: str,
+    sync_tokens: int,
+) -> tuple[int, int]:
+    """`absorb_when="idle"`: `(absorb, sync)` for the one round over a waiting window of `messages`.
+
+    The first `absorb` messages are C: what the rounds would have taken had the messages come one at a
+    time (`replayed_overflow`), so the same window is left; the next `sync` start S, as a consolidation's
+    do (`consolidation_following` with `sync_mode`). `absorb == 0`: nothing to absorb.
+    """
+    absorb = replayed_overflow(
+        [count(m) for m in messages],
+        [m["role"] for m in messages],
+        window_tokens=window_tokens,
+        absorb_tokens=absorb_tokens,
+    )
+    return absorb, len(consolidation_following(messages[absorb:], count, sync_mode, sync_tokens))
+
+
 def leading_fit(counts: list[int], budget: int) -> int:
     """How many of the first messages fit in `budget` tokens together (whole messages, stopping at the first misfit)."""
     used = 0
