@@ -18,6 +18,9 @@ continuing from the KV cache the probe answers left (`Absorber.train(read=)`).
 With `--before fused`, the `before` arm computes the student's logits and their KL
 as tensors `[tokens, vocabulary]` (the model's LM head, then `kl_to_targets`)
 instead of through `losses.linear_kl_loss`.
+With `--before lora`, the `before` arm runs PEFT's own LoRA forward
+(`base(x) + lora_B(lora_A(x)) * scaling`) instead of the two-GEMM one
+(`absorber_memory.fused`).
 With `--before settings`, the `before` arm is a second engine whose settings
 are the `after` arm's overridden by `--before-set` (e.g. `lora_layers=null`
 against `--set 'lora_layers=[-15, ...]'`: every layer adapted against the upper half).
@@ -47,6 +50,7 @@ from absorber_memory import absorber, generation
 from absorber_memory.bench.cli import LONG_STREAMING, STREAMING, parse_overrides
 from absorber_memory.bench.streaming import agent_chats
 from absorber_memory.engine import AbsorptionEngine
+from absorber_memory.fused import fuse_lora_forwards, unfuse_lora_forwards
 
 
 @contextlib.contextmanager
@@ -57,6 +61,16 @@ def unfused_head(engine: AbsorptionEngine) -> Iterator[None]:
         yield
     finally:
         engine.absorber.fused_head = True
+
+
+@contextlib.contextmanager
+def peft_lora(engine: AbsorptionEngine) -> Iterator[None]:
+    """PEFT's own LoRA forward rather than the two-GEMM one (`fused.fuse_lora_forwards`)."""
+    unfuse_lora_forwards(engine.model)
+    try:
+        yield
+    finally:
+        fuse_lora_forwards(engine.model)
 
 
 @contextlib.contextmanager
@@ -117,9 +131,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tokens", type=int, nargs="*", default=[128, 1024, 3072])
-    parser.add_argument("--before", choices=["all", "reuse", "fused", "settings"], default="all",
+    parser.add_argument("--before", choices=["all", "reuse", "fused", "lora", "settings"], default="all",
                         help="what the `before` arm switches off: every round-cost change, the targets' reuse, "
-                             "the fused LM head and KL, or the settings in --before-set")
+                             "the fused LM head and KL, the two-GEMM LoRA forward, or the settings in --before-set")
     parser.add_argument("--before-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="with --before settings: the before arm's settings over the after arm's")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings, values as JSON")
@@ -136,7 +150,7 @@ def main() -> None:
         arm = lambda e: contextlib.nullcontext()  # noqa: E731
     else:
         other = engine
-        arm = {"all": before_changes, "reuse": without_reuse, "fused": unfused_head}[args.before]
+        arm = {"all": before_changes, "reuse": without_reuse, "fused": unfused_head, "lora": peft_lora}[args.before]
     st = STREAMING["full"]
     chat = agent_chats(st["dev"], st["chat_messages"], chitchat_seed=1, queries=st["queries"],
                        chats=LONG_STREAMING["full"]["chats"])[0]
