@@ -67,7 +67,7 @@ def fuse_lora_forwards(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is Linear and not hasattr(module, _PEFT_FORWARD):
             setattr(module, _PEFT_FORWARD, module.forward)
-            module.forward = types.MethodType(_fused_forward, module)
+            module.forward = types.MethodType(_fused_forward, module)  # type: ignore[method-assign]
             count += 1
     return count
 
