@@ -113,15 +113,6 @@ class AbsorberConfig(BaseModel):
         le=4096,
         description="Sync segments per optimizer step (None: all every step); more make each step a shuffled subset.",
     )
-    sync_chunk_tokens: int | None = Field(
-        None,
-        gt=0,
-        le=1_000_000,
-        description="Split the turns that follow C in a streaming round, idle round or consolidation into sync "
-        "segments of whole messages of at most this many tokens each, read without the turns before them; the "
-        "probes follow the last. With `sync_batch_segments`, a step then trains on a shuffled share of the "
-        "window rather than all of it (None: the turns and probes are one segment).",
-    )
     micro_batch_tokens: int = Field(
         1024,
         gt=0,

@@ -33,7 +33,7 @@ from .jobs import StepCallback
 from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit, quiet_transformers
 from .persistence import load_adapter_weights, save_adapter
 from .probes import chained_probe_segment, pick_probes, probe_segments, recitation_segments, recitation_tokens
-from .stream import sync_chunks, teacher_tokens
+from .stream import teacher_tokens
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class AbsorptionEngine:
         prompts = pick_probes(self.config.probe_prompts, n_probes, round_index)
         max_new = self.config.probe_max_new_tokens
         kind, read = ("frozen" if base_teacher else "chained"), context
+        recited = recitation_segments(context, self.config.sync_recitation, following)
         quoted = recitation_tokens(self.fmt.count, context, self.config.sync_recitation)
         if (
             history
@@ -177,12 +178,6 @@ class AbsorptionEngine:
             and self.history_fits(prefix, history + context, following, len(prompts), quoted)
         ):
             kind, read, base_teacher = "history", history + context, True
-        split: list[list[Message]] = []  # the following turns as segments of their own (`sync_chunk_tokens`)
-        if following and self.config.sync_chunk_tokens is not None:
-            spans = sync_chunks([self.fmt.count(m) for m in following], self.config.sync_chunk_tokens)
-            split = [following[a:b] for a, b in spans[:-1]]
-            following = following[spans[-1][0] :]
-        recited = recitation_segments(context, self.config.sync_recitation, following)
 
         chain = PromptCache()  # each chained probe extends the last prompt: read the history once
 
@@ -192,7 +187,7 @@ class AbsorptionEngine:
         def answer_all(questions: list[list[Message]]) -> list[str]:
             return self.generate_all(prefix, [read + q for q in questions], max_new, base=base_teacher, cache=chain)
 
-        segments = list(segments or []) + split + recited
+        segments = list(segments or []) + recited
         held = held_out_probes(self.config, len(prompts))
         holdout = [0] * len(segments)
         if following:

@@ -169,23 +169,6 @@ def idle_round(
     return absorb, len(consolidation_following(messages[absorb:], count, sync_mode, sync_tokens))
 
 
-def sync_chunks(counts: list[int], budget: int) -> list[tuple[int, int]]:
-    """`[start, end)` runs of consecutive whole messages of at most `budget` tokens together, in order.
-
-    A message larger than `budget` is a run of its own (never cut); no run is empty.
-    """
-    spans: list[tuple[int, int]] = []
-    used = 0
-    for i, count in enumerate(counts):
-        if spans and used + count <= budget:
-            spans[-1] = (spans[-1][0], i + 1)
-            used += count
-        else:
-            spans.append((i, i + 1))
-            used = count
-    return spans
-
-
 def leading_fit(counts: list[int], budget: int) -> int:
     """How many of the first messages fit in `budget` tokens together (whole messages, stopping at the first misfit)."""
     used = 0

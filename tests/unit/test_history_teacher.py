@@ -108,31 +108,3 @@ def test_service_history_teacher_beats_chained_on_the_first_round(make_service, 
 def test_the_setting_is_validated():
     with pytest.raises(ValueError, match="streaming_teacher"):
         AbsorberConfig(streaming_teacher="oracle")
-
-
-@pytest.mark.parametrize("budget", [None, 30])
-def test_sync_chunk_tokens_splits_the_following_turns_and_chains_the_probes_after_the_last(
-    tokenizer, monkeypatch, budget
-):
-    from absorber_memory.stream import sync_chunks
-
-    pm = streamed(tokenizer, "history", 0, turns=4)
-    pm.engine.reconfigure(sync_chunk_tokens=budget)
-    seen = []
-    real = pm.engine.absorber.train
-
-    def spy(prefix, context, segments, **kw):
-        seen.append([list(s) for s in segments])
-        return real(prefix, context, segments, **kw)
-
-    monkeypatch.setattr(pm.engine.absorber, "train", spy)
-    following = turn(1) + turn(2) + turn(3)
-    report = pm.engine.run_round([], turn(9), n_probes=2, following=following, base_teacher=True, max_steps=1)
-    (segments,) = seen
-    spans = sync_chunks([pm.fmt.count(m) for m in following], budget or 10**9)
-    assert budget is None or len(spans) > 1  # the case splits the window
-    *plain, chain = segments
-    assert plain == [following[a:b] for a, b in spans[:-1]]
-    last = following[spans[-1][0] :]
-    assert chain[: len(last)] == last and len(chain) == len(last) + 4  # two probes and their answers follow it
-    assert report.sync_segments == len(spans)

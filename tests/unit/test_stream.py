@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from absorber_memory.stream import plan_absorption, sync_chunks, turn_spans
+from absorber_memory.stream import plan_absorption, turn_spans
 
 PLAN = dict(window_tokens=100, absorb_tokens=40, sync_tokens=50)
 
@@ -64,28 +64,3 @@ def test_streaming_loses_and_duplicates_nothing(seed):
         window = list(range(start, len(counts_all)))
         assert absorbed + window == list(range(len(counts_all)))
         assert sum(counts_all[start:]) <= PLAN["window_tokens"] or len(turn_spans(roles_all[start:])) == 1
-
-
-def test_sync_chunks_cover_every_message_once_in_order_within_the_budget():
-    assert sync_chunks([10, 20, 5, 30], 30) == [(0, 2), (2, 3), (3, 4)]
-    assert sync_chunks([10, 20, 5], 35) == [(0, 3)]
-    assert sync_chunks([40, 1, 1], 30) == [(0, 1), (1, 3)]  # a message over budget is a chunk of its own
-    assert sync_chunks([], 30) == []
-    rng = random.Random(0)
-    for _ in range(200):
-        counts = [rng.randint(1, 60) for _ in range(rng.randint(1, 20))]
-        spans = sync_chunks(counts, 50)
-        assert [i for a, b in spans for i in range(a, b)] == list(range(len(counts)))
-        assert all(b > a for a, b in spans)
-        assert all(sum(counts[a:b]) <= 50 or b - a == 1 for a, b in spans)
-        # greedy: the next message would not have fit in the chunk before it
-        assert all(sum(counts[a:b]) + counts[b] > 50 for a, b in spans[:-1])
-
-
-@pytest.mark.parametrize("bad", [0, -5, "many", 2.5])
-def test_sync_chunk_tokens_is_validated(bad):
-    from absorber_memory import AbsorberConfig, ConfigError
-
-    with pytest.raises(ConfigError, match="sync_chunk_tokens"):
-        AbsorberConfig(sync_chunk_tokens=bad)
-    assert AbsorberConfig().sync_chunk_tokens is None
