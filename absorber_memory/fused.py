@@ -52,11 +52,11 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     name = layer.active_adapters[0]
     base = layer.base_layer
     a_weight, b_weight = layer.lora_A[name].weight, layer.lora_B[name].weight
-    y = torch.nn.functional.linear(x, base.weight, base.bias)
-    low = torch.nn.functional.linear(x, a_weight)  # (..., rank)
-    flat = y.view(-1, y.shape[-1])
-    flat.addmm_(low.reshape(-1, low.shape[-1]), b_weight.t(), alpha=layer.scaling[name])
-    return y
+    # 2-D throughout: an in-place op on a view of `y` would make autograd copy the gradient back (CopySlices)
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.nn.functional.linear(flat, base.weight, base.bias)
+    y.addmm_(torch.nn.functional.linear(flat, a_weight), b_weight.t(), alpha=layer.scaling[name])
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def fuse_lora_forwards(model: nn.Module) -> int:

@@ -46,7 +46,7 @@ def round_inputs() -> tuple[list[dict[str, str]], list[dict[str, str]], list[lis
 def category(name: str, shapes: Any, vocab: int, rank: int) -> str:
     """The kind of work an aten op with these input shapes is."""
     dims = {d for shape in (shapes or []) if isinstance(shape, list) for d in shape}
-    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
         if vocab in dims:
             return "lm head matmul"
         if rank in dims:
