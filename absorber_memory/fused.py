@@ -11,7 +11,7 @@ instead of the wide output. The result is the same sum up to float rounding
 (tests compare outputs and gradients with PEFT's).
 
 Only plain LoRA takes this path: one active adapter, no dropout, no DoRA or
-other variant, not merged, and an `nn.Linear` base. Anything else (adapters
+other variant, not merged, an `nn.Linear` base, one dtype and no autocast. Anything else (adapters
 disabled, mixed adapter batches, dropout during training) runs PEFT's own
 forward, so the layer behaves as PEFT's everywhere.
 """
@@ -29,8 +29,8 @@ _PEFT_FORWARD = "_absorber_peft_forward"
 
 
 def _fast_path(layer: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    if args or kwargs or layer.disable_adapters or layer.merged:
-        return False
+    if args or kwargs or layer.disable_adapters or layer.merged or torch.is_autocast_enabled(x.device.type):
+        return False  # under autocast F.linear's output changes dtype, and an in-place addmm_ is not cast
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in layer.lora_A or active[0] in getattr(layer, "lora_variant", {}):
         return False

@@ -85,6 +85,8 @@ def test_fused_forward_falls_back_to_peft_when_the_fast_path_does_not_apply(toke
     assert _fast_path(layer, x, (), {})
     assert not _fast_path(layer, x, (), {"adapter_names": ["a"]})  # mixed-adapter batches
     assert not _fast_path(layer, x.double(), (), {})  # another dtype: PEFT casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fast_path(layer, x, (), {})  # autocast would not cast the in-place product
     name = layer.active_adapters[0]
     saved = layer.lora_dropout[name]
     layer.lora_dropout[name] = torch.nn.Dropout(0.1)
