@@ -108,7 +108,8 @@ class JobCoordinator:
         """Queue absorption rounds for the session's unclaimed overflow (all of it with `everything`).
 
         With `absorb_when="idle"` the overflow waits (an idle timer restarts) unless `due` (the session went
-        idle, or `flush`) or the window no longer fits the prompt; then one round absorbs it (`_deferred_round`).
+        idle, or `flush`) or the window, less what pending rounds absorb, no longer fits the prompt; then one
+        round absorbs it (`_deferred_round`).
         """
         with self.lock:
             claimed = [i for job in self.store.jobs(session_id, PENDING) for i in job.context_ids]
@@ -117,7 +118,9 @@ class JobCoordinator:
             cfg, rounds = self.config, []
             deferred = cfg.absorb_when == "idle" and not everything
             if deferred:
-                fits = self.limit is None or sum(self.fmt.count(m.as_chat()) for m in window) <= self.limit
+                # What the pending rounds leave (their C goes when they commit): a round they will make
+                # room for is not queued again at every message that arrives while they run.
+                fits = self.limit is None or sum(self.fmt.count(m.as_chat()) for m in free) <= self.limit
                 if not due:
                     self._defer(session_id)  # whatever a full prompt makes absorb now, the rest waits for idle
                     if fits:

@@ -164,6 +164,27 @@ def test_a_window_too_long_for_the_prompt_is_absorbed_at_once(make_service):
     absorbed_once(memory, "s")
 
 
+def test_a_full_prompt_queues_no_second_round_while_the_first_will_make_room(make_service):
+    """While a forced round runs, new messages queue another only if its window would still not fit."""
+    from .test_queue import Controlled
+
+    box = {}
+    memory = make_service(context_tokens=200, wrap=lambda inner: box.setdefault("ex", Controlled(inner, hold=True)), **IDLE)
+    ids, k = [], 0
+    while not memory.jobs("s"):  # talk until the window no longer fits the prompt
+        ids += added_turns(memory, "s", range(k, k + 1))
+        k += 1
+    assert box["ex"].started.wait(30)
+    free = memory.window("s")[len(memory.jobs("s")[0].message_ids) :]  # what the running round leaves
+    assert sum(memory.fmt.count(m.as_chat()) for m in free) + 2 * 40 < 200  # room for the turns below
+    ids += added_turns(memory, "s", range(k, k + 1))  # the window still holds the round's turns: over 200
+    assert len(memory.jobs("s")) == 1  # once the round commits, what is left fits: nothing more to queue
+    box["ex"].gate.set()
+    memory.flush()
+    check_invariants(memory, "s", ids)
+    absorbed_once(memory, "s")
+
+
 def test_waiting_overflow_is_absorbed_after_a_restart(make_service):
     memory = make_service(**IDLE)
     ids = added_turns(memory, "s", range(6))
