@@ -47,6 +47,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def prompt_tokens(memory: AbsorberMemory, session_id: str) -> int:
+    """Tokens of the window messages a prompt holds now (what fits `context_tokens`; the prefix not counted)."""
+    _, rows = memory.context_rows(session_id)
+    return sum(memory.fmt.count(m.as_chat()) for m in rows)
+
+
 def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
     memory = make(background)
     latencies, backlog = [], []
@@ -62,7 +68,8 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
             pending = [j for j in memory.jobs() if j.pending]
             backlog.append({"t": round(time.perf_counter() - start, 2), "pending_jobs": len(pending),
                             "running": sum(j.status == "running" for j in pending),
-                            "window_tokens": memory.window_tokens(sid)})
+                            "window_tokens": memory.window_tokens(sid),
+                            "prompt_tokens": prompt_tokens(memory, sid)})
     loop_seconds = time.perf_counter() - start
     drained = time.perf_counter()
     memory.flush()
@@ -87,7 +94,9 @@ def run_loop(make, sessions: int, turns: int, background: bool) -> dict:
         # Absorbed tokens per second of wall time from the first turn until the backlog is drained.
         "sustained_tokens_per_s": absorbed / (loop_seconds + drain_seconds) if background else 0.0,
         "max_backlog": max(b["pending_jobs"] for b in backlog),
-        "max_window_tokens": max(b["window_tokens"] for b in backlog),  # the prompt a turn read, at most
+        "max_window_tokens": max(b["window_tokens"] for b in backlog),  # the unabsorbed window, at most
+        # The window the next prompt holds: less than the window while `context_tokens` leaves messages out.
+        "max_prompt_tokens": max(b["prompt_tokens"] for b in backlog),
         "backlog": backlog,
         "final_window_tokens": {f"user-{s}": memory.window_tokens(f"user-{s}") for s in range(sessions)},
     }
@@ -146,12 +155,13 @@ def main() -> None:
 
     runs = [run_loop(make, args.sessions, args.turns, bg) for bg in (False, True)]
     print(f"| {args.sessions} sessions x {args.turns} turns | turn p50 s | turn p95 s | loop s | max backlog "
-          "| max window tokens | drain s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| max window tokens | max prompt tokens | drain s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         label = "background absorption" if r["background_absorption"] else "no absorption (window grows)"
         print(f"| {label} | {r['turn_p50_s']:.2f} | {r['turn_p95_s']:.2f} | {r['loop_seconds']:.0f} | "
-              f"{r['max_backlog']} | {r['max_window_tokens']} | {r['drain_seconds_after_loop']:.0f} |")
+              f"{r['max_backlog']} | {r['max_window_tokens']} | {r['max_prompt_tokens']} | "
+              f"{r['drain_seconds_after_loop']:.0f} |")
     bg = runs[1]
     print(f"background: {bg['rounds_done']} rounds + {bg['consolidations_done']} consolidations, "
           f"{bg['absorption_seconds']:.0f} s of absorption, {bg['absorbed_tokens']} tokens absorbed, "

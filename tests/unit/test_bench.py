@@ -173,6 +173,8 @@ def test_agent_loop_script_runs_on_the_tiny_model(tmp_path):
     assert data and "adapter switch" in done.stdout
     plain, absorbing = data["runs"]
     assert plain["max_window_tokens"] >= absorbing["max_window_tokens"] > 0  # absorption holds the prompt down
+    for run in (plain, absorbing):
+        assert 0 < run["max_prompt_tokens"] <= run["max_window_tokens"]  # a prompt holds the window or less
 
 
 def test_agent_loop_script_names_a_bad_set_pair():
