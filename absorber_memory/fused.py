@@ -11,9 +11,11 @@ instead of the wide output. The result is the same sum up to float rounding
 (tests compare outputs and gradients with PEFT's).
 
 Only plain LoRA takes this path: one active adapter, no dropout, no DoRA or
-other variant, not merged, an `nn.Linear` base, one dtype and no autocast. Anything else (adapters
-disabled, mixed adapter batches, dropout during training) runs PEFT's own
-forward, so the layer behaves as PEFT's everywhere.
+other variant, not merged, an `nn.Linear` base, one dtype throughout (PEFT
+keeps adapters in fp32 under a bf16 model, so those layers keep PEFT's
+forward) and no autocast. Anything else (adapters disabled, mixed adapter
+batches, dropout during training) runs PEFT's own forward, so the layer
+behaves as PEFT's everywhere.
 """
 
 from __future__ import annotations
