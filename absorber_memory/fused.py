@@ -30,34 +30,37 @@ from torch import nn
 _PEFT_FORWARD = "_absorber_peft_forward"
 
 
-def _fast_path(layer: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _fast_path(
+    layer: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[nn.Linear, torch.Tensor, torch.Tensor, float] | None:
+    """`(base, A, B, scaling)` when the two-GEMM forward applies to this call, else None (PEFT's forward)."""
     if args or kwargs or layer.disable_adapters or layer.merged or torch.is_autocast_enabled(x.device.type):
-        return False  # under autocast F.linear's output changes dtype, and an in-place addmm_ is not cast
+        return None  # under autocast F.linear's output changes dtype, and an in-place addmm_ is not cast
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in layer.lora_A or active[0] in getattr(layer, "lora_variant", {}):
-        return False
+        return None
     name = active[0]
     a, b = layer.lora_A[name], layer.lora_B[name]
     base = layer.base_layer
-    return (
+    plain = (
         type(base) is nn.Linear
         and isinstance(layer.lora_dropout[name], nn.Identity)
         and b.bias is None
         and a.bias is None
         and x.dtype == a.weight.dtype == b.weight.dtype == base.weight.dtype
     )
+    return (base, a.weight, b.weight, layer.scaling[name]) if plain else None
 
 
 def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if not _fast_path(layer, x, args, kwargs):
+    found = _fast_path(layer, x, args, kwargs)
+    if found is None:
         return getattr(layer, _PEFT_FORWARD)(x, *args, **kwargs)
-    name = layer.active_adapters[0]
-    base = layer.base_layer
-    a_weight, b_weight = layer.lora_A[name].weight, layer.lora_B[name].weight
+    base, a_weight, b_weight, scaling = found
     # 2-D throughout: an in-place op on a view of `y` would make autograd copy the gradient back (CopySlices)
     flat = x.reshape(-1, x.shape[-1])
     y = torch.nn.functional.linear(flat, base.weight, base.bias)
-    y.addmm_(torch.nn.functional.linear(flat, a_weight), b_weight.t(), alpha=layer.scaling[name])
+    y.addmm_(torch.nn.functional.linear(flat, a_weight), b_weight.t(), alpha=scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -2,8 +2,8 @@
 
 Outputs and gradients are compared with PEFT's own forward on the same
 weights (non-zero B, so the adapter's product matters), and every case
-where the fast path must not apply (adapters off, dropout, two adapters)
-falls back to PEFT's forward.
+where the fast path must not apply (adapters off, mixed-adapter batches,
+another dtype, autocast, dropout) falls back to PEFT's forward.
 """
 
 from __future__ import annotations
@@ -82,16 +82,16 @@ def test_fused_forward_falls_back_to_peft_when_the_fast_path_does_not_apply(toke
 
     layer = next(m for m in engine.model.modules() if hasattr(m, "lora_A") and m.lora_A)
     x = torch.zeros(1, 3, layer.in_features)
-    assert _fast_path(layer, x, (), {})
-    assert not _fast_path(layer, x, (), {"adapter_names": ["a"]})  # mixed-adapter batches
-    assert not _fast_path(layer, x.double(), (), {})  # another dtype: PEFT casts
+    assert _fast_path(layer, x, (), {}) is not None
+    assert _fast_path(layer, x, (), {"adapter_names": ["a"]}) is None  # mixed-adapter batches
+    assert _fast_path(layer, x.double(), (), {}) is None  # another dtype: PEFT casts
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _fast_path(layer, x, (), {})  # autocast would not cast the in-place product
+        assert _fast_path(layer, x, (), {}) is None  # autocast would not cast the in-place product
     name = layer.active_adapters[0]
     saved = layer.lora_dropout[name]
     layer.lora_dropout[name] = torch.nn.Dropout(0.1)
     try:
-        assert not _fast_path(layer, x, (), {})  # dropout is PEFT's to apply
+        assert _fast_path(layer, x, (), {}) is None  # dropout is PEFT's to apply
     finally:
         layer.lora_dropout[name] = saved
 
