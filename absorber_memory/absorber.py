@@ -94,6 +94,7 @@ class _Batch:
     lm_input: list[int]
     lm_start: int
     held: list[int]  # held-out tokens after them per row (early stopping)
+    leads: list[int] = field(default_factory=list)  # tokens of each row's S that are the window (`window_grad_every`)
 
 
 @dataclass
@@ -142,6 +143,63 @@ def _target_rows(
 ) -> losses.NextTokenTargets | None:
     """`_rows` of both fields of teacher distributions (None stays None)."""
     return None if targets is None else targets.select(lambda t: _rows(t, lengths, rows))
+
+
+def _spans(tensor: torch.Tensor, lengths: list[int], rows: list[int], skip: dict[int, int]) -> torch.Tensor:
+    """`_rows`, less the first `skip[r]` tokens of each row r's span (rows not in `skip` keep all)."""
+    if not any(skip.get(r, 0) for r in rows):
+        return _rows(tensor, lengths, rows)
+    starts = [0, *itertools.accumulate(lengths)]
+    return torch.cat([tensor[starts[r] + skip.get(r, 0) : starts[r] + lengths[r]] for r in rows])
+
+
+def _target_spans(
+    targets: losses.NextTokenTargets | None, lengths: list[int], rows: list[int], skip: dict[int, int]
+) -> losses.NextTokenTargets | None:
+    """`_spans` of both fields of teacher distributions (None stays None)."""
+    return None if targets is None else targets.select(lambda t: _spans(t, lengths, rows, skip))
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward with `use_cache=True` returned (`cache` in transformers 5.24+)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's `(keys, values)`, `[B, heads, T, D]`, of a `DynamicCache` (4.56+ and 5.x layouts)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+class _WindowKV:
+    """For `window_grad_every`: per sync row, the detached keys and values of `[prefix; window]`.
+
+    A full step stores them from each row's own training forward (no extra pass); the steps between
+    read the window through them and run only the rest of the row. They lag the adapter by at most
+    `every - 1` optimizer steps.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def reuse(self, step: int, last: int) -> bool:
+        """Whether `step` reads the stored windows (not a multiple of `every`, nor the final evaluation)."""
+        return step % self.every != 0 and step != last
+
+    def store(self, out: Any, batch: _Batch, group: list[int]) -> None:
+        """Keep the window's keys and values of each row of `group` (the rows of forward `out`) that has one."""
+        layers = _layer_kv(_cache_of(out))
+        for i, r in enumerate(group):
+            width = batch.student_starts[r] + batch.leads[r]
+            if batch.leads[r] == 0 or batch.leads[r] >= batch.lengths[r]:
+                continue  # no window, or nothing trained after it
+            if any(k.shape[2] < width for k, _ in layers):
+                continue  # a sliding-window layer kept less than the window: this row always runs whole
+            self.kv[r] = [
+                (k[i : i + 1, :, :width].detach().clone(), v[i : i + 1, :, :width].detach().clone()) for k, v in layers
+            ]
 
 
 def _output_head(model: Any) -> Any:
@@ -281,7 +339,12 @@ class Absorber:
         return next(self.model.parameters()).device
 
     def _plan(
-        self, prefix: list[Message], context: list[Message], segments: list[list[Message]], holdout: list[int]
+        self,
+        prefix: list[Message],
+        context: list[Message],
+        segments: list[list[Message]],
+        holdout: list[int],
+        leads: list[int] | None = None,
     ) -> _Batch:
         p = self.fmt.prefix_ids(prefix)
         c = self.fmt.encode_segments(context)
@@ -299,21 +362,38 @@ class Absorber:
             lm_input=p + c,
             lm_start=len(p),
             held=held,
+            leads=[
+                sum(self.fmt.count(m) for m in seg[:k]) for seg, k in zip(segments, leads or [0] * len(s), strict=True)
+            ],
         )
 
-    def _forward(self, seqs: list[list[int]], logits: bool = True, logits_from: int = 0) -> Any:
+    def _forward(self, seqs: list[list[int]], logits: bool = True, logits_from: int = 0, cache: bool = False) -> Any:
         """Run a right-padded batch; without `logits` the LM head runs on one position only.
 
         Hidden-state losses never read logits, and skipping the vocabulary
         projection saves about a fifth of a small model's compute. With
         `logits_from`, logits cover positions `[logits_from, width)` only (the
         losses never read the prefix's or C's): `out.logits` is then that much
-        narrower than the hidden states.
+        narrower than the hidden states. With `cache`, the forward also returns its keys and values
+        (`_cache_of`).
         """
         ids, mask = right_padded(seqs, self.fmt.tokenizer.pad_token_id or 0, self.device)
         keep = {"logits_to_keep": ids.shape[1] - logits_from} if logits and logits_from > 0 else {}
         keep = keep if logits else {"logits_to_keep": 1}
-        return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep)
+        return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=cache, **keep)
+
+    def _forward_after(self, kv: list[tuple[torch.Tensor, torch.Tensor]], ids: list[int], logits: bool) -> Any:
+        """One row's tokens `ids` read after stored keys and values `kv` (positions continue after them)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(kv):
+            cache.update(keys, values, layer)
+        keep = {} if logits else {"logits_to_keep": 1}
+        x = torch.tensor([ids], device=self.device)
+        return self.model(
+            input_ids=x, **cache_kwargs(self.model, cache), use_cache=True, output_hidden_states=True, **keep
+        )
 
     def _teacher_rows(
         self, batch: _Batch, want_logits: bool, read: PromptCache | None = None
@@ -413,16 +493,25 @@ class Absorber:
         return losses.weighted_sum(terms, self.config.losses)
 
     def _held_loss_part(
-        self, out: Any, batch: _Batch, group: list[int], targets: _Targets, scales: dict[str, list[torch.Tensor]]
+        self,
+        out: Any,
+        batch: _Batch,
+        group: list[int],
+        targets: _Targets,
+        scales: dict[str, list[torch.Tensor]],
+        starts: list[int] | None = None,
     ) -> float:
-        """This forward's share of the held-out loss (rows `group` as the forward's rows), without gradients."""
+        """This forward's share of the held-out loss (rows `group` as the forward's rows), without gradients.
+
+        `starts`: where each row's held-out tokens sit in `out` (default: after its trained ones in the student).
+        """
         held = [batch.held[r] for r in group]
         if not any(held):
             return 0.0
         with torch.no_grad():
             part = self._sync_loss(
                 out,
-                [batch.student_starts[r] + batch.lengths[r] for r in group],
+                starts or [batch.student_starts[r] + batch.lengths[r] for r in group],
                 held,
                 [_rows(t, batch.held, group) for t in targets.held_states],
                 _target_rows(targets.held_logits, batch.held, group),
@@ -460,6 +549,8 @@ class Absorber:
         rows: list[int],
         backward: bool,
         held_scales: dict[str, list[torch.Tensor]] | None = None,
+        window: _WindowKV | None = None,
+        reuse: bool = False,
     ) -> tuple[float, float, set[int]]:
         """The loss of one step on sync segments `rows`; with `backward`, its gradients are accumulated.
 
@@ -470,6 +561,10 @@ class Absorber:
 
         With `held_scales` (early stopping), also returns the held-out loss read off these forwards
         and the rows it covers.
+
+        With `window` (`window_grad_every`), forwards of rows with a window keep its keys and values; with
+        `reuse` too, each row that has them stored reads only what follows its window, after them, and the
+        step's loss is over those tokens.
         """
         weights = self.config.losses
         value, held_value, held_rows = 0.0, 0.0, set()
@@ -481,14 +576,21 @@ class Absorber:
                 part.backward()
 
         if targets is not None:
-            total = sum(batch.lengths[r] for r in rows)
-            scales = self._hidden_scales([_rows(t, batch.lengths, rows) for t in targets.states])
-            for group in micro_batches([len(batch.student[r]) for r in range(len(batch.student))], rows, self.config):
+            tails = [r for r in rows if reuse and window is not None and r in window.kv]
+            skip = {r: batch.leads[r] for r in tails}  # tokens of S a row reads through stored keys and values
+            total = sum(batch.lengths[r] - skip.get(r, 0) for r in rows)
+            scales = self._hidden_scales([_spans(t, batch.lengths, rows, skip) for t in targets.states])
+            whole = [r for r in rows if r not in skip]
+            for group in micro_batches([len(batch.student[r]) for r in range(len(batch.student))], whole, self.config):
+                keep = window is not None and any(batch.leads[r] for r in group)
                 out = self._forward(
                     [batch.student[r] for r in group],
                     self._student_logits(targets),
                     logits_from=min(batch.student_starts[r] for r in group),
+                    cache=keep,
                 )
+                if keep and window is not None:
+                    window.store(out, batch, group)
                 loss = self._sync_loss(
                     out,
                     [batch.student_starts[r] for r in group],
@@ -501,6 +603,25 @@ class Absorber:
                 if held_scales is not None:
                     held_value += self._held_loss_part(out, batch, group, targets, held_scales)
                     held_rows.update(group)
+                add(loss)
+            for r in tails:
+                assert window is not None
+                trained = batch.lengths[r] - skip[r]
+                out = self._forward_after(
+                    window.kv[r], batch.student[r][batch.student_starts[r] + skip[r] :], self._student_logits(targets)
+                )
+                loss = self._sync_loss(
+                    out,
+                    [0],
+                    [trained],
+                    [_spans(t, batch.lengths, [r], skip) for t in targets.states],
+                    _target_spans(targets.logits, batch.lengths, [r], skip),
+                    scales,
+                    total,
+                )
+                if held_scales is not None:
+                    held_value += self._held_loss_part(out, batch, [r], targets, held_scales, starts=[trained])
+                    held_rows.add(r)
                 add(loss)
         if weights.get("lm", 0) > 0:
             out = self._forward([batch.lm_input])
@@ -526,6 +647,7 @@ class Absorber:
         holdout: list[int] | None = None,
         read: PromptCache | None = None,
         max_steps: int | None = None,
+        leads: list[int] | None = None,
     ) -> AbsorptionReport:
         """Train the active adapter so `[prefix; S]` behaves like `[prefix; C; S]`.
 
@@ -543,6 +665,8 @@ class Absorber:
                 the adapter as it stands) answered this round's probes; when its tokens start with
                 `[prefix; C]`, the teacher's targets continue from it instead of reading C again.
             max_steps: most optimizer steps (None: `config.max_steps`).
+            leads: per segment, how many of its first messages are the window (the turns still in the prompt);
+                with `window_grad_every` > 1, only steps that are multiples of it train through them (None: none).
         """
         cfg = self.config
         steps = cfg.max_steps if max_steps is None else max_steps
@@ -553,13 +677,17 @@ class Absorber:
         if not segments and cfg.sync_losses():
             raise AbsorptionError("no sync text S: pass sync segments or set `probe_count` > 0")
         holdout = list(holdout or [0] * len(segments))
+        if leads is not None and (
+            len(leads) != len(segments) or any(not 0 <= k <= len(seg) for k, seg in zip(leads, segments, strict=False))
+        ):
+            raise ValueError(f"`leads` needs one count per segment, each within it; got {leads}")
         if len(holdout) != len(segments) or any(
             not 0 <= k <= len(seg) for k, seg in zip(holdout, segments, strict=False)
         ):
             raise ValueError(f"`holdout` needs one count per segment, each within it; got {holdout}")
         earlier_seconds = teacher_seconds
         start = time.perf_counter()
-        batch = self._plan(prefix, context, segments, holdout)
+        batch = self._plan(prefix, context, segments, holdout, leads)
         train_rows = [r for r, n in enumerate(batch.lengths) if n > 0]
         if segments and cfg.sync_losses() and not train_rows:
             raise AbsorptionError("every sync token is held out: nothing is left to train on")
@@ -579,12 +707,16 @@ class Absorber:
         held_curve: list[float] = []
         stopped_by = "max_steps"
         schedule = segment_schedule(len(train_rows), cfg.sync_batch_segments, cfg.seed)
+        window = _WindowKV(cfg.window_grad_every) if cfg.window_grad_every > 1 and any(batch.leads) else None
         bar = tqdm(total=steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
             for step in range(steps + 1):
                 optimizer.zero_grad(set_to_none=True)
                 rows = [train_rows[i] for i in schedule()]
-                value, held, covered = self._step(batch, targets, adapter, rows, step < steps, held_scales)
+                reuse = window is not None and window.reuse(step, steps)
+                value, held, covered = self._step(
+                    batch, targets, adapter, rows, step < steps, held_scales, window=window, reuse=reuse
+                )
                 if not math.isfinite(value):
                     raise AbsorptionError(f"loss became {value} at step {step}; adapter rolled back")
                 curve.append(value)
@@ -599,7 +731,7 @@ class Absorber:
                     elif step - best[1] >= cfg.early_stopping_patience:
                         stopped_by = "early_stopping"
                         break
-                if value < cfg.loss_threshold:
+                if value < cfg.loss_threshold and not reuse:  # a step between reads part of S: not comparable
                     stopped_by = "threshold"
                     break
                 if step == steps:

@@ -120,6 +120,15 @@ class AbsorberConfig(BaseModel):
         description="Most padded tokens per student forward; a step's segments run longest first in groups under "
         "this budget, their gradients added (same loss, no padding of short segments to the longest).",
     )
+    window_grad_every: int = Field(
+        1,
+        ge=1,
+        le=100_000,
+        description="Streaming rounds: train through the window's turns (the start of S) only every this many steps. "
+        "On the steps between, the student reads the window through the keys and values of the last such step, "
+        "detached, and trains on what follows it (probes, recitations) alone, at the cost of those tokens only. "
+        "1: every step reads and trains the whole of S (the paper's).",
+    )
     update_penalty: Literal["none", "l1", "l2"] = Field(
         "none", description="Regulariser on the LoRA update delta-W (paper's L1 vs L2 ablation)."
     )

@@ -208,6 +208,7 @@ class AbsorptionEngine:
             holdout=holdout,
             read=chain,  # the probe answers' cache holds [prefix; read]: the targets do not read it again
             max_steps=max_steps,
+            leads=[len(following) if following and seg[: len(following)] == following else 0 for seg in segments],
         )
         report.teacher, report.teacher_context_tokens = kind, report.context_tokens
         report.context_tokens = len(self.fmt.encode_segments(context))
