@@ -77,6 +77,9 @@ class AbsorptionReport:
     best_step: int | None = None
     #: "round" (absorbs C) or "consolidation" (re-teaches everything absorbed so far; absorbs nothing new).
     kind: str = "round"
+    #: Sync tokens (trained and held out) the student's forwards read over all optimizer steps: `steps` x
+    #: their sum, less the window on steps that read it through stored keys and values (`window_grad_every`).
+    step_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -708,12 +711,16 @@ class Absorber:
         stopped_by = "max_steps"
         schedule = segment_schedule(len(train_rows), cfg.sync_batch_segments, cfg.seed)
         window = _WindowKV(cfg.window_grad_every) if cfg.window_grad_every > 1 and any(batch.leads) else None
+        step_tokens = 0
         bar = tqdm(total=steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
             for step in range(steps + 1):
                 optimizer.zero_grad(set_to_none=True)
                 rows = [train_rows[i] for i in schedule()]
                 reuse = window is not None and window.reuse(step, steps)
+                if step < steps:
+                    skipped = sum(batch.leads[r] for r in rows if reuse and window is not None and r in window.kv)
+                    step_tokens += sum(batch.lengths[r] + batch.held[r] for r in rows) - skipped
                 value, held, covered = self._step(
                     batch, targets, adapter, rows, step < steps, held_scales, window=window, reuse=reuse
                 )
@@ -776,4 +783,5 @@ class Absorber:
             heldout_curve=held_curve,
             heldout_tokens=sum(batch.held),
             best_step=best[1] if best is not None else None,
+            step_tokens=step_tokens,
         )

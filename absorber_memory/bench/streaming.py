@@ -346,8 +346,11 @@ def pooled_rows(
         seconds = sum(r.get("seconds", 0.0) for r in rs)
         jobs = [j for r in rs for j in r.get("jobs", [])]
         train = sum(j["seconds"] - j["teacher_seconds"] for j in jobs)
-        # Held-out sync tokens ride in the same forwards (and backwards), so they count as work done.
-        step_tokens = sum(j["steps"] * (j["sync_tokens"] + (j.get("heldout_tokens") or 0)) for j in jobs)
+        # Held-out sync tokens ride in the same forwards (and backwards), so they count as work done; a
+        # report's `step_tokens` leaves out the window that steps read through stored keys and values.
+        step_tokens = sum(
+            j.get("step_tokens") or j["steps"] * (j["sync_tokens"] + (j.get("heldout_tokens") or 0)) for j in jobs
+        )
         per_chat = [1.0 - kl([r]) / per_chat_base[r["chat"]] if per_chat_base.get(r["chat"]) else None for r in rs]
         right_kl = kl_right(rs)
         rows.append(

@@ -101,13 +101,17 @@ def test_steps_between_read_only_what_follows_the_window(tokenizer):
     segments = [WINDOW + PROBES]
     whole = len(absorber.fmt.encode_segments(segments[0]))
     after = whole - len(absorber.fmt.encode_segments(WINDOW))
+    reports = []
     seen = read_tokens(
-        absorber.model, lambda: absorber.train([], CONTEXT, segments, base_teacher=True, leads=[len(WINDOW)])
+        absorber.model,
+        lambda: reports.append(absorber.train([], CONTEXT, segments, base_teacher=True, leads=[len(WINDOW)])),
     )
     teacher = len(absorber.fmt.encode_segments(CONTEXT)) + whole
     # The teacher reads [C; S] once; of steps 0..6 (6 updates, then the final loss), 0, 3 and 6 read the
     # whole row and the others what follows the window.
     assert seen == [teacher, whole, after, after, whole, after, after, whole]
+    assert reports[0].step_tokens == 2 * whole + 4 * after  # what the 6 updates read (benchmarks count FLOPs by it)
+    assert reports[0].sync_tokens == whole
 
 
 def round_report(tokenizer, **config):
