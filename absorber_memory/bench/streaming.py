@@ -130,6 +130,7 @@ _JOB_FIELDS = (
     "final_loss",
     "stopped_by",
     "heldout_tokens",
+    "step_tokens",
 )
 
 

@@ -43,6 +43,9 @@ def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
     for name in ("one-shot", "stream-history", "stream-chained"):
         assert rows[name]["absorbed_tokens"] > 0 and rows[name]["x_prefill_4k"] > 0
         assert rows[name]["steps_per_round"] > 0
+        # the tokens the steps read, which the training FLOP/s counts (no `window_grad_every` here: every step all)
+        jobs = [j for r in data["raw"][name] for j in r["jobs"]]
+        assert all(j["step_tokens"] == j["steps"] * (j["sync_tokens"] + j["heldout_tokens"]) > 0 for j in jobs)
     sessions = len(data["chats"])
     assert rows["truncation"]["gap_per_session"] == " / ".join(["0.00"] * sessions)
     if sessions == 1:  # one session: its gap is the pooled one
