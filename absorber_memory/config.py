@@ -127,7 +127,9 @@ class AbsorberConfig(BaseModel):
         description="Streaming rounds: train through the window's turns (the start of S) only every this many steps. "
         "On the steps between, the student reads the window through the keys and values of the last such step, "
         "detached, and trains on what follows it (probes, recitations) alone, at the cost of those tokens only. "
-        "1: every step reads and trains the whole of S (the paper's).",
+        "1: every step reads and trains the whole of S (the paper's). On long sessions absorbed once idle, 3 "
+        "measured 0.74 of the gap at 18x a prefill per token against 0.75 at 30x (BENCHMARKS.md, 'Steps that read "
+        "the window through stored keys and values').",
     )
     update_penalty: Literal["none", "l1", "l2"] = Field(
         "none", description="Regulariser on the LoRA update delta-W (paper's L1 vs L2 ablation)."
