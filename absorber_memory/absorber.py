@@ -18,6 +18,13 @@ without gradients. Training stops once that loss has not improved for
 `early_stopping_patience` steps, and the adapter goes back to its state at
 the best held-out loss.
 
+Steps between (`window_grad_every` = k > 1): in a streaming round S starts
+with the window (the turns still in the prompt), then the probes. Every
+k-th step reads and trains all of S and keeps the window's keys and values
+from that forward; the steps between read only what follows the window,
+after those keys and values (detached, at most k - 1 updates old), so the
+probes still attend to the window while a step costs only their tokens.
+
 Positions (left open by the paper): the student reads S at its natural
 positions right after the prefix, exactly where the window sits at inference
 once C has left the prompt; the teacher reads S after C. The adapter thus
