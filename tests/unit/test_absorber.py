@@ -173,7 +173,7 @@ def test_sync_batch_segments_trains_on_a_subset_per_step(make_memory, monkeypatc
     monkeypatch.setattr(
         pm.engine.absorber, "_forward", lambda seqs, logits=True, **k: sizes.append(len(seqs)) or forward(seqs, logits, **k)
     )
-    monkeypatch.setattr(pm.engine.absorber, "_step", lambda b, t, a, rows, *r: steps.append(len(rows)) or step(b, t, a, rows, *r))
+    monkeypatch.setattr(pm.engine.absorber, "_step", lambda b, t, a, rows, *r, **k: steps.append(len(rows)) or step(b, t, a, rows, *r, **k))
     report = pm.absorb(CONTEXT, sync)
     assert sizes[0] == 4 and sum(sizes[1:]) == 2 * 13  # one teacher pass over all four, then two rows per step
     assert steps == [2] * 13  # (and the last check)
