@@ -190,13 +190,18 @@ class _WindowKV:
     `every - 1` optimizer steps.
     """
 
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, leads: list[int]) -> None:
         self.every = every
+        self.leads = leads
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def reuse(self, step: int, last: int) -> bool:
         """Whether `step` reads the stored windows (not a multiple of `every`, nor the final evaluation)."""
         return step % self.every != 0 and step != last
+
+    def skip(self, rows: list[int]) -> dict[int, int]:
+        """Of `rows`, those with stored keys and values, each with the tokens of S it reads through them."""
+        return {r: self.leads[r] for r in rows if r in self.kv}
 
     def store(self, out: Any, batch: _Batch, group: list[int]) -> None:
         """Keep the window's keys and values of each row of `group` (the rows of forward `out`) that has one."""
@@ -210,6 +215,12 @@ class _WindowKV:
             self.kv[r] = [
                 (k[i : i + 1, :, :width].detach().clone(), v[i : i + 1, :, :width].detach().clone()) for k, v in layers
             ]
+
+
+def _check_per_segment(name: str, counts: list[int], segments: list[list[Message]]) -> None:
+    """Raise unless `counts` holds one message count per segment, each within its segment."""
+    if len(counts) != len(segments) or any(not 0 <= k <= len(seg) for k, seg in zip(counts, segments, strict=False)):
+        raise ValueError(f"`{name}` needs one count per segment, each within it; got {counts}")
 
 
 def _output_head(model: Any) -> Any:
@@ -586,8 +597,7 @@ class Absorber:
                 part.backward()
 
         if targets is not None:
-            tails = [r for r in rows if reuse and window is not None and r in window.kv]
-            skip = {r: batch.leads[r] for r in tails}  # tokens of S a row reads through stored keys and values
+            skip = window.skip(rows) if reuse and window is not None else {}  # S a row reads through stored K/V
             total = sum(batch.lengths[r] - skip.get(r, 0) for r in rows)
             scales = self._hidden_scales([_spans(t, batch.lengths, rows, skip) for t in targets.states])
             whole = [r for r in rows if r not in skip]
@@ -614,7 +624,7 @@ class Absorber:
                     held_value += self._held_loss_part(out, batch, group, targets, held_scales)
                     held_rows.update(group)
                 add(loss)
-            for r in tails:
+            for r in skip:
                 assert window is not None
                 trained = batch.lengths[r] - skip[r]
                 out = self._forward_after(
@@ -687,14 +697,9 @@ class Absorber:
         if not segments and cfg.sync_losses():
             raise AbsorptionError("no sync text S: pass sync segments or set `probe_count` > 0")
         holdout = list(holdout or [0] * len(segments))
-        if leads is not None and (
-            len(leads) != len(segments) or any(not 0 <= k <= len(seg) for k, seg in zip(leads, segments, strict=False))
-        ):
-            raise ValueError(f"`leads` needs one count per segment, each within it; got {leads}")
-        if len(holdout) != len(segments) or any(
-            not 0 <= k <= len(seg) for k, seg in zip(holdout, segments, strict=False)
-        ):
-            raise ValueError(f"`holdout` needs one count per segment, each within it; got {holdout}")
+        _check_per_segment("holdout", holdout, segments)
+        if leads is not None:
+            _check_per_segment("leads", leads, segments)
         earlier_seconds = teacher_seconds
         start = time.perf_counter()
         batch = self._plan(prefix, context, segments, holdout, leads)
@@ -717,7 +722,9 @@ class Absorber:
         held_curve: list[float] = []
         stopped_by = "max_steps"
         schedule = segment_schedule(len(train_rows), cfg.sync_batch_segments, cfg.seed)
-        window = _WindowKV(cfg.window_grad_every) if cfg.window_grad_every > 1 and any(batch.leads) else None
+        window = (
+            _WindowKV(cfg.window_grad_every, batch.leads) if cfg.window_grad_every > 1 and any(batch.leads) else None
+        )
         step_tokens = 0
         bar = tqdm(total=steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
@@ -726,7 +733,7 @@ class Absorber:
                 rows = [train_rows[i] for i in schedule()]
                 reuse = window is not None and window.reuse(step, steps)
                 if step < steps:
-                    skipped = sum(batch.leads[r] for r in rows if reuse and window is not None and r in window.kv)
+                    skipped = sum(window.skip(rows).values()) if reuse and window is not None else 0
                     step_tokens += sum(batch.lengths[r] + batch.held[r] for r in rows) - skipped
                 value, held, covered = self._step(
                     batch, targets, adapter, rows, step < steps, held_scales, window=window, reuse=reuse

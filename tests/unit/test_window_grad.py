@@ -55,7 +55,7 @@ def test_a_step_between_reads_the_same_states_and_loss_as_a_whole_forward(tokeni
     """Keys and values stored by a full step, read back before any update, give the whole forward's states."""
     absorber = engine(tokenizer).absorber
     batch, targets = planned(absorber)
-    window = _WindowKV(every=3)
+    window = _WindowKV(every=3, leads=batch.leads)
     adapter = absorber.model.active_adapter
     with torch.no_grad():
         absorber._step(batch, targets, adapter, [0, 1], backward=False, window=window)
