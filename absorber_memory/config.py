@@ -141,6 +141,13 @@ class AbsorberConfig(BaseModel):
     # --- sync text: probes ---------------------------------------------------
     probe_count: int = Field(8, ge=0, le=64, description="Self-generated probes per absorption (0: none).")
     probe_max_new_tokens: int = Field(24, gt=0, le=4096, description="Length of each teacher answer to a probe.")
+    probe_answers: Literal["chained", "independent"] = Field(
+        "chained",
+        description="Streaming rounds, whose probes follow the window's turns in one segment: `chained` = the "
+        "teacher answers each probe after the earlier probes and answers, one at a time; `independent` = each "
+        "straight after the window (where inference asks the next question), all decoded together in one "
+        "sequence, a faster teacher; the segment chains them either way.",
+    )
     streaming_teacher: Literal["history", "chained"] = Field(
         "history",
         description="Teacher of a later streaming round: `history` = the frozen model reading every absorbed message "

@@ -32,7 +32,14 @@ from .generation import PromptCache, generate_batch_ids, generate_text
 from .jobs import StepCallback
 from .models import DEFAULT_MODEL, base_model, model_identity, prompt_limit, quiet_transformers
 from .persistence import load_adapter_weights, save_adapter
-from .probes import chained_probe_segment, pick_probes, probe_segments, recitation_segments, recitation_tokens
+from .probes import (
+    chained_probe_segment,
+    independent_probe_segment,
+    pick_probes,
+    probe_segments,
+    recitation_segments,
+    recitation_tokens,
+)
 from .stream import teacher_tokens
 
 log = logging.getLogger(__name__)
@@ -191,7 +198,10 @@ class AbsorptionEngine:
         held = held_out_probes(self.config, len(prompts))
         holdout = [0] * len(segments)
         if following:
-            segments.append(chained_probe_segment(answer, prompts, following))
+            if self.config.probe_answers == "independent":
+                segments.append(independent_probe_segment(answer_all, prompts, following))
+            else:
+                segments.append(chained_probe_segment(answer, prompts, following))
             holdout.append(2 * held)  # the last probes' questions and answers, at the end of the chain
         else:
             segments += probe_segments(answer_all, prompts)

@@ -151,6 +151,91 @@ class PromptCache:
         return _until_eos(tokens[len(input_ids) :], tokenizer.eos_token_id)
 
 
+def _sliding(model: Any) -> bool:
+    """Whether any layer of `model` attends through a sliding window (a custom mask would override it)."""
+    config = getattr(model, "config", None)
+    kinds = getattr(config, "layer_types", None) or []
+    return getattr(config, "sliding_window", None) is not None or any("sliding" in str(k) for k in kinds)
+
+
+def branch_generate_ids(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, cache: PromptCache | None = None
+) -> list[list[int]]:
+    """Greedy answers to prompts that share a start, decoded together in one sequence; results in prompt order.
+
+    The shared start is read once (through `cache` when it already holds some of it); each prompt's own
+    tail and then one new token per unfinished prompt a step join that single sequence, and a custom
+    attention mask lets each token see the shared start and its own prompt's tokens only, with its own
+    positions. So a step decodes every prompt for the cost of one sequence's step (the weights and the
+    shared keys and values are read once, not once per prompt), and the answers are those of
+    `generate_ids` on each prompt alone, up to float rounding. Afterwards `cache` holds the shared start.
+    """
+    from transformers import DynamicCache
+
+    if not prompts:
+        return []
+    shared = min(min(common_prefix(prompts[0], p) for p in prompts), min(map(len, prompts)) - 1)
+    reader = cache if cache is not None else PromptCache()
+    keep = min(common_prefix(reader.ids, prompts[0]), shared)
+    if reader.cache is None or keep < max(1, SHARED_PREFIX_TOKENS):
+        reader.cache, keep = DynamicCache(), 0
+    else:
+        crop_cache(reader.cache, keep)
+    device = next(model.parameters()).device
+    with_cache = cache_kwargs(model, reader.cache)
+    with torch.no_grad():
+        if shared > keep:
+            head = torch.tensor([prompts[0][keep:shared]], device=device)
+            model(input_ids=head, **with_cache, use_cache=True, logits_to_keep=1)
+        reader.ids = prompts[0][:shared]
+        answers: list[list[int]] = [[] for _ in prompts]
+        tokens = [p[shared:] for p in prompts]  # what each prompt reads next
+        first = [shared] * len(prompts)  # the position of the first of them
+        owner: list[int] = []  # which prompt each cached token after the shared start belongs to
+        where: list[int] = []  # and its position
+        live = list(range(len(prompts)))
+        eos = tokenizer.eos_token_id
+        dtype = next(model.parameters()).dtype
+        while live:
+            q_owner = [b for b in live for _ in tokens[b]]
+            q_pos = [first[b] + i for b in live for i in range(len(tokens[b]))]
+            k_owner = torch.tensor(owner + q_owner, device=device)
+            k_pos = torch.tensor(where + q_pos, device=device)
+            qo = torch.tensor(q_owner, device=device)[:, None]
+            qp = torch.tensor(q_pos, device=device)[:, None]
+            own = (k_owner[None, :] == qo) & (k_pos[None, :] <= qp)
+            allowed = torch.cat([torch.ones(len(q_owner), shared, dtype=torch.bool, device=device), own], dim=1)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            ends, at = [], 0
+            for b in live:
+                at += len(tokens[b])
+                ends.append(at - 1)
+            out = model(
+                input_ids=torch.tensor([[t for b in live for t in tokens[b]]], device=device),
+                position_ids=torch.tensor([q_pos], device=device),
+                attention_mask=mask[None, None],
+                **with_cache,
+                use_cache=True,
+                logits_to_keep=torch.tensor(ends, device=device),
+            )
+            picks = out.logits[0].argmax(-1).tolist()
+            owner += q_owner
+            where += q_pos
+            still = []
+            for b, token in zip(live, picks, strict=True):
+                first[b] += len(tokens[b])
+                tokens[b] = [token]
+                if token == eos:
+                    continue
+                answers[b].append(token)
+                if len(answers[b]) < max_new_tokens:
+                    still.append(b)
+            live = still
+        crop_cache(reader.cache, shared)
+    return answers
+
+
 def generate_batch_ids(
     model: Any,
     tokenizer: Any,
@@ -168,13 +253,18 @@ def generate_batch_ids(
     Prompts are grouped so a batch holds at most `max_batch_tokens` padded
     prompt tokens (a single longer prompt runs alone), which bounds the
     KV-cache memory when the context is long. Prompts that all start with the
-    same `SHARED_PREFIX_TOKENS` or more run one by one from a `PromptCache`
-    instead (`cache`, or a new one), reading that shared start once.
+    same `SHARED_PREFIX_TOKENS` or more read that shared start once (from
+    `cache`, or a new `PromptCache`) and are decoded together by
+    `branch_generate_ids` (greedy, no other `kwargs`, no sliding-window
+    layers), else one by one from that cache.
     """
     if not prompts:
         return []
     shared = min(common_prefix(prompts[0], p) for p in prompts)
     if len(prompts) > 1 and shared >= SHARED_PREFIX_TOKENS:
+        _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens})  # the same check on max_new_tokens
+        if not kwargs and not _sliding(model):
+            return branch_generate_ids(model, tokenizer, prompts, max_new_tokens, cache=cache)
         reader = cache if cache is not None else PromptCache()
         return [reader.generate_ids(model, tokenizer, p, max_new_tokens, **kwargs) for p in prompts]
     device = next(model.parameters()).device

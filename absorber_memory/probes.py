@@ -105,6 +105,25 @@ def chained_probe_segment(
     return messages
 
 
+def independent_probe_segment(
+    answer_all: Callable[[list[list[Message]]], list[str]], prompts: list[str], lead: list[Message]
+) -> list[Message]:
+    """`chained_probe_segment`'s one segment, each answer written straight after the `lead` turns.
+
+    The teacher answers every probe as the next question after the lead (where inference asks it), not
+    after the earlier probes and answers, so all of them can be decoded at once (`answer_all`, one call);
+    the segment then chains them, as the student and the teacher's targets read it.
+    """
+    questions = [{"role": "user", "content": prompt} for prompt in prompts]
+    replies = answer_all([list(lead) + [q] for q in questions]) if questions else []
+    if len(replies) != len(questions):
+        raise ValueError(f"the teacher returned {len(replies)} answers for {len(questions)} probes")
+    messages = list(lead)
+    for question, reply in zip(questions, replies, strict=True):
+        messages += [question, {"role": "assistant", "content": reply.strip() or "..."}]
+    return messages
+
+
 #: The question before each recited user turn (see `recitation_segments`).
 RECITE_PROMPT = "Remind me what I told you."
 

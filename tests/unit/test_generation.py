@@ -135,21 +135,6 @@ def test_a_prompt_cache_gives_the_answers_of_fresh_prompts_reading_only_what_is_
     assert cache.ids == other + generate_ids(model, tokenizer, other, 6)[:5]
 
 
-def test_prompts_sharing_a_long_start_run_from_one_cache_with_the_batch_answers(model, tokenizer, monkeypatch):
-    from absorber_memory import generation
-
-    history = tokenizer("the same long start " * 10)["input_ids"]
-    prompts = [history + tokenizer(q)["input_ids"] for q in (" one", " two words", " three more words")]
-    batched = generate_batch_ids(model, tokenizer, prompts, 6)  # shared start below the threshold: one batch
-    used = []
-    monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", len(history))
-    real = generation.PromptCache.generate_ids
-    monkeypatch.setattr(generation.PromptCache, "generate_ids",
-                        lambda self, *a, **k: used.append(1) or real(self, *a, **k))
-    assert generate_batch_ids(model, tokenizer, prompts, 6) == batched
-    assert len(used) == 3
-
-
 def test_a_kv_cache_goes_by_the_keyword_the_model_declares():
     from absorber_memory.generation import cache_kwargs
 
