@@ -85,7 +85,8 @@ class AbsorptionReport:
     #: "round" (absorbs C) or "consolidation" (re-teaches everything absorbed so far; absorbs nothing new).
     kind: str = "round"
     #: Sync tokens (trained and held out) the student's forwards read over all optimizer steps: `steps` x
-    #: their sum, less the window on steps that read it through stored keys and values (`window_grad_every`).
+    #: their sum, less the window on steps that read it through stored keys and values (`window_grad_every`;
+    #: the gradient-free forwards that refresh them with `train_window=False` are not counted: they train nothing).
     step_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -402,6 +403,14 @@ class Absorber:
         keep = {"logits_to_keep": ids.shape[1] - logits_from} if logits and logits_from > 0 else {}
         keep = keep if logits else {"logits_to_keep": 1}
         return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=cache, **keep)
+
+    def _refresh_window(self, batch: _Batch, window: _WindowKV, rows: list[int]) -> None:
+        """Store the current adapter's keys and values of each row's `[prefix; window]`, read without gradients."""
+        with torch.no_grad():
+            for r in rows:
+                if 0 < batch.leads[r] < batch.lengths[r]:
+                    width = batch.student_starts[r] + batch.leads[r]
+                    window.store(self._forward([batch.student[r][:width]], logits=False, cache=True), batch, [r])
 
     def _forward_after(self, kv: list[tuple[torch.Tensor, torch.Tensor]], ids: list[int], logits: bool) -> Any:
         """One row's tokens `ids` read after stored keys and values `kv` (positions continue after them)."""
@@ -732,6 +741,9 @@ class Absorber:
                 optimizer.zero_grad(set_to_none=True)
                 rows = [train_rows[i] for i in schedule()]
                 reuse = window is not None and window.reuse(step, steps)
+                if window is not None and not cfg.train_window and 0 < step < steps and not reuse:
+                    self._refresh_window(batch, window, rows)  # re-read the window, no gradient: train the rest
+                    reuse = True
                 if step < steps:
                     skipped = sum(window.skip(rows).values()) if reuse and window is not None else 0
                     step_tokens += sum(batch.lengths[r] + batch.held[r] for r in rows) - skipped

@@ -131,6 +131,12 @@ class AbsorberConfig(BaseModel):
         "measured 0.74 of the gap at 18x a prefill per token against 0.75 at 30x (BENCHMARKS.md, 'Steps that read "
         "the window through stored keys and values').",
     )
+    train_window: bool = Field(
+        True,
+        description="With `window_grad_every` k > 1: False never trains through the window after the first step; "
+        "every k-th step instead re-reads it without gradients (a forward, about a third of a training pass) to "
+        "refresh the stored keys and values, and every step trains only what follows it.",
+    )
     update_penalty: Literal["none", "l1", "l2"] = Field(
         "none", description="Regulariser on the LoRA update delta-W (paper's L1 vs L2 ablation)."
     )

@@ -158,3 +158,29 @@ def test_leads_must_match_the_segments(tokenizer):
         absorber.train([], CONTEXT, [WINDOW + PROBES], base_teacher=True, leads=[1, 2])
     with pytest.raises(ValueError, match="`leads` needs one count per segment"):
         absorber.train([], CONTEXT, [PROBES], base_teacher=True, leads=[len(PROBES) + 1])
+
+
+def test_without_training_the_window_its_keys_and_values_are_refreshed_without_gradients(tokenizer):
+    """`train_window=False`: after step 0, the k-th steps re-read the window with no gradient, then train the rest."""
+    absorber = engine(tokenizer, max_steps=6, window_grad_every=3, train_window=False).absorber
+    segments = [WINDOW + PROBES]
+    whole = len(absorber.fmt.encode_segments(segments[0]))
+    window = len(absorber.fmt.encode_segments(WINDOW))
+    after = whole - window
+    assert window != after  # the reads below are told apart by their length
+    reads: list[tuple[int, bool]] = []
+    embed = absorber.model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda _m, a, _o: reads.append((a[0].numel(), torch.is_grad_enabled())))
+    try:
+        report = absorber.train([], CONTEXT, segments, base_teacher=True, leads=[len(WINDOW)])
+    finally:
+        handle.remove()
+    teacher = len(absorber.fmt.encode_segments(CONTEXT)) + whole
+    # Step 0 trains the whole row; step 3 re-reads the window, then trains what follows; the final loss is whole.
+    assert [n for n, _ in reads] == [teacher, whole, after, after, window, after, after, after, whole]
+    assert [g for n, g in reads[1:8] if n == window] == [False]  # the refresh reads without gradients
+    assert all(g for n, g in reads[1:8] if n != window)  # the steps train
+    assert report.step_tokens == whole + 5 * after  # the refresh trains nothing and is not counted
+    assert report.final_loss < report.initial_loss
+    # With the window trained (the default), step 3 reads the whole row instead.
+    assert AbsorberConfig().train_window is True
