@@ -172,6 +172,7 @@ def branch_generate_ids(
     """
     from transformers import DynamicCache
 
+    _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens})  # generate_ids' check on max_new_tokens
     if not prompts:
         return []
     shared = min(min(common_prefix(prompts[0], p) for p in prompts), min(map(len, prompts)) - 1)
@@ -262,7 +263,6 @@ def generate_batch_ids(
         return []
     shared = min(common_prefix(prompts[0], p) for p in prompts)
     if len(prompts) > 1 and shared >= SHARED_PREFIX_TOKENS:
-        _generate_settings(tokenizer, {"max_new_tokens": max_new_tokens})  # the same check on max_new_tokens
         if not kwargs and not _sliding(model):
             return branch_generate_ids(model, tokenizer, prompts, max_new_tokens, cache=cache)
         reader = cache if cache is not None else PromptCache()

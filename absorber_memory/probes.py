@@ -114,14 +114,8 @@ def independent_probe_segment(
     after the earlier probes and answers, so all of them can be decoded at once (`answer_all`, one call);
     the segment then chains them, as the student and the teacher's targets read it.
     """
-    questions = [{"role": "user", "content": prompt} for prompt in prompts]
-    replies = answer_all([list(lead) + [q] for q in questions]) if questions else []
-    if len(replies) != len(questions):
-        raise ValueError(f"the teacher returned {len(replies)} answers for {len(questions)} probes")
-    messages = list(lead)
-    for question, reply in zip(questions, replies, strict=True):
-        messages += [question, {"role": "assistant", "content": reply.strip() or "..."}]
-    return messages
+    pairs = probe_segments(lambda questions: answer_all([list(lead) + q for q in questions]), prompts)
+    return list(lead) + [message for pair in pairs for message in pair]
 
 
 #: The question before each recited user turn (see `recitation_segments`).
