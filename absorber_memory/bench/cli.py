@@ -231,6 +231,7 @@ def _streaming(
             "s_per_absorbed_token",
             "x_prefill_4k",
             "train_gflops",
+            "work_gflops",
             "teachers",
         ],
     )

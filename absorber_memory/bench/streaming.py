@@ -131,6 +131,9 @@ _JOB_FIELDS = (
     "stopped_by",
     "heldout_tokens",
     "step_tokens",
+    "step_attention_pairs",
+    "refresh_tokens",
+    "refresh_attention_pairs",
 )
 
 
@@ -276,6 +279,25 @@ def step_linear_flops(model: Any, lora_layers: list[int] | None = None) -> int:
     return 2 * (forward + backward)
 
 
+def attention_pair_flops(model: Any, lora_layers: list[int] | None = None) -> tuple[int, int]:
+    """FLOPs of attention per query-key pair, over all decoder layers: `(a training step's, a forward's)`.
+
+    A forward multiplies each query with each key it sees and weighs each value (2 x 2 x heads x head
+    size per pair and layer); the backward computes the gradients of queries, keys, values and scores,
+    twice that, in the layers it reaches (from the top down to the lowest adapted, as `step_linear_flops`).
+    """
+    from ..config import decoder_layer_count, resolve_layers
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    layers = decoder_layer_count(base)
+    lowest = 0 if lora_layers is None else min(resolve_layers(lora_layers, layers))
+    forward = 4 * width * layers
+    return forward + 8 * width * (layers - lowest), forward
+
+
 def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     """Measured fp32 matmul FLOP/s on this device (best of `repeats`)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -311,12 +333,19 @@ def model_matmul_peak_flops(model: Any, tokens: int, repeats: int = 3) -> float:
 
 
 def pooled_rows(
-    raw: dict[str, list[dict[str, Any]]], prefill_4k: float, params: int, step_flops: dict[str, int] | None = None
+    raw: dict[str, list[dict[str, Any]]],
+    prefill_4k: float,
+    params: int,
+    step_flops: dict[str, int] | None = None,
+    pair_flops: dict[str, tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per method, pooled over chats (KL over all answer tokens, recall over all questions).
 
-    A method's training FLOP/s counts `step_flops[method]` per sync token of a step (`step_linear_flops`),
-    else 4 x `params`: every linear layer forward and back.
+    A method's training FLOP/s (`train_gflops`) counts `step_flops[method]` per sync token of a step
+    (`step_linear_flops`), else 4 x `params`: every linear layer forward and back. `work_gflops` adds the
+    rest of the matmuls' useful work: attention, `pair_flops[method]` per query-key pair of a step and of a
+    window refresh (`attention_pair_flops`), and the refreshes' linear layers (2 x `params` a token); it
+    needs every job to report its pairs.
     """
 
     def kl(rs: list[dict[str, Any]]) -> float:
@@ -352,6 +381,15 @@ def pooled_rows(
         step_tokens = sum(
             j.get("step_tokens") or j["steps"] * (j["sync_tokens"] + (j.get("heldout_tokens") or 0)) for j in jobs
         )
+        linear = (step_flops or {}).get(name, 4 * params)
+        train_pair, forward_pair = (pair_flops or {}).get(name, (0, 0))
+        counted = bool(jobs) and train_pair > 0 and all(j.get("step_attention_pairs") is not None for j in jobs)
+        work = linear * step_tokens + sum(
+            train_pair * (j.get("step_attention_pairs") or 0)
+            + 2 * params * (j.get("refresh_tokens") or 0)
+            + forward_pair * (j.get("refresh_attention_pairs") or 0)
+            for j in jobs
+        )
         per_chat = [1.0 - kl([r]) / per_chat_base[r["chat"]] if per_chat_base.get(r["chat"]) else None for r in rs]
         right_kl = kl_right(rs)
         rows.append(
@@ -366,9 +404,8 @@ def pooled_rows(
                 "absorbed_tokens": absorbed or None,
                 "s_per_absorbed_token": seconds / absorbed if absorbed else None,
                 "x_prefill_4k": seconds / absorbed / prefill_4k if absorbed else None,
-                "train_gflops": (step_flops or {}).get(name, 4 * params) * step_tokens / train / 1e9
-                if train > 0
-                else None,
+                "train_gflops": linear * step_tokens / train / 1e9 if train > 0 else None,
+                "work_gflops": work / train / 1e9 if train > 0 and counted else None,
                 "teachers": ",".join(sorted({str(j.get("teacher")) for j in jobs})) or None,
                 "gap_per_session": " / ".join("-" if g is None else f"{g:.2f}" for g in per_chat),
                 "steps_per_round": sum(j["steps"] for j in jobs) / len(jobs) if jobs else None,
@@ -428,8 +465,12 @@ def streaming_experiment(
     }
     jobs = [j for name, rs in raw.items() if name.startswith("stream-") for r in rs for j in r.get("jobs", [])]
     step_tokens = round(sum(j["sync_tokens"] for j in jobs) / len(jobs)) if jobs else 256
+    pair_flops = {
+        name: attention_pair_flops(engine.model, engine.config.model_copy(update=extra).lora_layers)
+        for name, extra in [("one-shot", {}), *streams.items()]
+    }
     return {
-        "rows": pooled_rows(raw, prefill_4k, params, step_flops),
+        "rows": pooled_rows(raw, prefill_4k, params, step_flops, pair_flops),
         "prefill": prefill,
         "prefill_s_per_token_4k": prefill_4k,
         "matmul_peak_gflops": matmul_peak_flops() / 1e9,

@@ -46,6 +46,8 @@ def test_quick_streaming_compares_every_memory_on_the_agent_path(tmp_path):
         # the tokens the steps read, which the training FLOP/s counts (no `window_grad_every` here: every step all)
         jobs = [j for r in data["raw"][name] for j in r["jobs"]]
         assert all(j["step_tokens"] == j["steps"] * (j["sync_tokens"] + j["heldout_tokens"]) > 0 for j in jobs)
+        assert all(j["step_attention_pairs"] > j["step_tokens"] for j in jobs)  # each token sees itself and more
+        assert rows[name]["work_gflops"] > rows[name]["train_gflops"] > 0  # attention on top of the linear layers
     sessions = len(data["chats"])
     assert rows["truncation"]["gap_per_session"] == " / ".join(["0.00"] * sessions)
     if sessions == 1:  # one session: its gap is the pooled one
@@ -319,6 +321,35 @@ def test_step_flops_count_the_backward_down_to_the_lowest_adapted_layer(tokenize
     assert step_linear_flops(model) == 4 * every
     assert step_linear_flops(model, [-1, -2]) == 2 * every + 2 * every // 2  # forward all, backward the top half
     assert step_linear_flops(model, [3, 1]) == 2 * every + 2 * every * 3 // 4
+
+
+def test_attention_flops_count_each_query_key_pair_forward_and_back(tokenizer):
+    from absorber_memory.bench.streaming import attention_pair_flops
+    from absorber_memory.testing import tiny_model
+
+    model = tiny_model(tokenizer, layers=4)
+    config = model.config
+    width = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    assert attention_pair_flops(model) == (4 * 12 * width, 4 * 4 * width)  # forward 4 a layer, backward 8 more
+    assert attention_pair_flops(model, [-1]) == (4 * 4 * width + 8 * width, 4 * 4 * width)  # backward: top layer
+
+
+def test_work_flops_add_attention_and_window_refreshes_to_the_linear_layers():
+    from absorber_memory.bench.streaming import pooled_rows
+
+    def result(chat, jobs=()):
+        return {"chat": chat, "kl_sum": 1.0, "tokens": 1, "hit_list": [False], "kl_list": [1.0], "token_list": [1],
+                "jobs": list(jobs), "absorbed_tokens": 10, "seconds": 3.0}  # fmt: skip
+
+    job = {"seconds": 3.0, "teacher_seconds": 1.0, "steps": 2, "sync_tokens": 5, "step_tokens": 8,
+           "step_attention_pairs": 100, "refresh_tokens": 4, "refresh_attention_pairs": 10}  # fmt: skip
+    raw = {"full": [result("a")], "truncation": [result("a")], "x": [result("a", [job])],
+           "old": [result("a", [{k: v for k, v in job.items() if "pairs" not in k and "refresh" not in k}])]}  # fmt: skip
+    rows = {r["method"]: r for r in pooled_rows(raw, 0.001, params=7, step_flops={"x": 28}, pair_flops={"x": (3, 1)})}
+    assert rows["x"]["train_gflops"] == pytest.approx(28 * 8 / 2.0 / 1e9)  # the linear layers of the steps only
+    work = 28 * 8 + 3 * 100 + 2 * 7 * 4 + 1 * 10  # + attention of the steps, the refreshes' layers and attention
+    assert rows["x"]["work_gflops"] == pytest.approx(work / 2.0 / 1e9)
+    assert rows["old"]["work_gflops"] is None and rows["old"]["train_gflops"] > 0  # jobs without pairs: not counted
 
 
 def test_a_variant_with_layers_outside_the_model_fails_before_streaming(tmp_path):
