@@ -55,15 +55,7 @@ from . import losses
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
 from .errors import AbsorptionError
-from .generation import (
-    SHARED_PREFIX_TOKENS,
-    PromptCache,
-    cache_kwargs,
-    common_prefix,
-    crop_cache,
-    right_padded,
-    uses_sliding_window,
-)
+from .generation import SHARED_PREFIX_TOKENS, PromptCache, cache_kwargs, common_prefix, crop_cache, right_padded
 
 
 @dataclass
@@ -94,7 +86,7 @@ class AbsorptionReport:
     kind: str = "round"
     #: Sync tokens (trained and held out) the student's forwards read over all optimizer steps: `steps` x
     #: their sum, less the window on steps that read it through stored keys and values (`window_grad_every`;
-    #: the gradient-free forwards that refresh them, `train_window` not True, are counted apart: they train
+    #: the gradient-free forwards that refresh them with `train_window=False` are counted apart: they train
     #: nothing). With `step_attention_pairs`, the query-key pairs those tokens' attention computed (each
     #: token attends to every position up to its own: the prefix, the window, S so far), the steps' work.
     step_tokens: int = 0
@@ -452,7 +444,7 @@ class Absorber:
         )
 
     def _teacher_rows(
-        self, batch: _Batch, want_logits: bool, read: PromptCache | None = None, skips: list[int] | None = None
+        self, batch: _Batch, want_logits: bool, read: PromptCache | None = None
     ) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
         """Per teacher row, its layers' states (and last, its logits) as `[1, T, .]` tensors, and where S starts.
 
@@ -461,22 +453,14 @@ class Absorber:
         segment); otherwise the rows run in right-padded `micro_batches`. A `read` cache whose tokens start
         with `[prefix; C]` (the teacher's probe answers just read it, in the same model state) supplies
         that KV cache, so even a single row does not read C again; it is cropped to `[prefix; C]`.
-
-        `skips`: per row, how many first tokens of S no loss will compare (a window never trained). When
-        the `read` cache also holds those of the first row (the probe answers read the window after C),
-        that row runs after them and their states are left zero; logit targets are always computed.
         """
         shared = batch.teacher_starts[0]
         rows = batch.teacher
         long_shared = shared >= SHARED_PREFIX_TOKENS and all(len(r) > shared for r in rows)
         cache = None
-        ahead = 0  # tokens of the first row's S read from the `read` cache
         if long_shared and read is not None and common_prefix(read.ids, rows[0][:shared]) == shared:
-            skip = (skips or [0])[0] if not want_logits else 0
-            if 0 < skip and common_prefix(read.ids, rows[0]) >= shared + skip:
-                ahead = skip
             cache, read.ids = read.cache, read.ids[:shared]
-            crop_cache(cache, shared + ahead)
+            crop_cache(cache, shared)
         elif long_shared and len(rows) > 1:
             from transformers import DynamicCache
 
@@ -487,14 +471,10 @@ class Absorber:
             out_rows = []
             keep = {} if want_logits else {"logits_to_keep": 1}
             with_cache = cache_kwargs(self.model, cache)
-            for k, row in enumerate(rows):
-                begin = shared + (ahead if k == 0 else 0)
-                ids = torch.tensor([row[begin:]], device=self.device)
+            for row in rows:
+                ids = torch.tensor([row[shared:]], device=self.device)
                 out = self.model(input_ids=ids, **with_cache, use_cache=True, output_hidden_states=True, **keep)
-                states = out.hidden_states[1:]
-                if begin > shared:  # the skipped tokens' states: never compared
-                    states = tuple(torch.cat([h.new_zeros(1, begin - shared, h.shape[-1]), h], dim=1) for h in states)
-                out_rows.append((*states, out.logits))
+                out_rows.append((*out.hidden_states[1:], out.logits))
                 crop_cache(cache, shared)
             return out_rows, [0] * len(rows)
         found: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -505,14 +485,12 @@ class Absorber:
             found.update({r: tuple(t[i : i + 1] for t in layers) for i, r in enumerate(group)})
         return [found[r] for r in range(len(rows))], batch.teacher_starts
 
-    def _teacher_targets(
-        self, batch: _Batch, base_teacher: bool, read: PromptCache | None = None, skips: list[int] | None = None
-    ) -> _Targets:
-        """Teacher states (and logits, with `logit_kl`) at S, computed once; `read`, `skips`: see `_teacher_rows`."""
+    def _teacher_targets(self, batch: _Batch, base_teacher: bool, read: PromptCache | None = None) -> _Targets:
+        """Teacher states (and logits, if `logit_kl` is used) at S, computed once; `read`: see `_teacher_rows`."""
         want_logits = self.config.losses.get("logit_kl", 0) > 0
         adapter_off = self.model.disable_adapter() if base_teacher else contextlib.nullcontext()
         with torch.no_grad(), adapter_off:
-            rows, starts = self._teacher_rows(batch, want_logits, read, skips)
+            rows, starts = self._teacher_rows(batch, want_logits, read)
         held_starts = [s + n for s, n in zip(starts, batch.lengths, strict=True)]
         states = _gather_rows([r[:-1] for r in rows], starts, batch.lengths)
         held_states = _gather_rows([r[:-1] for r in rows], held_starts, batch.held)
@@ -757,12 +735,7 @@ class Absorber:
             raise AbsorptionError("every sync token is held out: nothing is left to train on")
         targets = None
         if segments and cfg.sync_losses():
-            # With the window never trained, no loss reads the teacher's states at it (rows whose window
-            # cannot be stored run whole: a sliding-window model, or nothing after the window).
-            untrained = cfg.window_grad_every > 1 and cfg.train_window is False and not uses_sliding_window(self.model)
-            pairs = zip(batch.leads, batch.lengths, strict=True)
-            skips = [lead if untrained and 0 < lead < n else 0 for lead, n in pairs]
-            targets = self._teacher_targets(batch, base_teacher, read, skips)
+            targets = self._teacher_targets(batch, base_teacher, read)
         teacher_seconds += time.perf_counter() - start
 
         held_rows = [r for r, n in enumerate(batch.held) if n > 0]
@@ -779,8 +752,6 @@ class Absorber:
         window = (
             _WindowKV(cfg.window_grad_every, batch.leads) if cfg.window_grad_every > 1 and any(batch.leads) else None
         )
-        refresh = cfg.train_window is not True  # k-th steps re-read the window without gradients
-        never = refresh and cfg.train_window is False  # ... and so do step 0 and the final loss
         step_tokens = step_pairs = refresh_tokens = refresh_pairs = 0
         bar = tqdm(total=steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
@@ -789,11 +760,7 @@ class Absorber:
                 rows = [train_rows[i] for i in schedule()]
                 reuse = window is not None and window.reuse(step, steps)
                 refreshed: list[int] = []
-                if window is not None and never:  # every step reads the window through keys and values
-                    stale = [r for r in rows if r not in window.kv] if reuse else rows
-                    refreshed = self._refresh_window(batch, window, stale) if stale else []
-                    reuse = True
-                elif window is not None and refresh and 0 < step < steps and not reuse:
+                if window is not None and not cfg.train_window and 0 < step < steps and not reuse:
                     refreshed = self._refresh_window(batch, window, rows)  # no gradient: train the rest
                     reuse = True
                 if step < steps:  # the work of the optimizer steps (not of the final loss), for the report
@@ -821,8 +788,7 @@ class Absorber:
                     elif step - best[1] >= cfg.early_stopping_patience:
                         stopped_by = "early_stopping"
                         break
-                # A step between reads part of S, so its loss compares with the threshold only when every step does.
-                if value < cfg.loss_threshold and (never or not reuse):
+                if value < cfg.loss_threshold and not reuse:  # a step between reads part of S: not comparable
                     stopped_by = "threshold"
                     break
                 if step == steps:

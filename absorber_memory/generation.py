@@ -151,7 +151,7 @@ class PromptCache:
         return _until_eos(tokens[len(input_ids) :], tokenizer.eos_token_id)
 
 
-def uses_sliding_window(model: Any) -> bool:
+def _sliding(model: Any) -> bool:
     """Whether any layer of `model` attends through a sliding window (a custom mask would override it)."""
     config = getattr(model, "config", None)
     kinds = getattr(config, "layer_types", None) or []
@@ -263,7 +263,7 @@ def generate_batch_ids(
         return []
     shared = min(common_prefix(prompts[0], p) for p in prompts)
     if len(prompts) > 1 and shared >= SHARED_PREFIX_TOKENS:
-        if not kwargs and not uses_sliding_window(model):
+        if not kwargs and not _sliding(model):
             return branch_generate_ids(model, tokenizer, prompts, max_new_tokens, cache=cache)
         reader = cache if cache is not None else PromptCache()
         return [reader.generate_ids(model, tokenizer, p, max_new_tokens, **kwargs) for p in prompts]
