@@ -139,7 +139,7 @@ class AbsorberConfig(BaseModel):
         "once idle (k = 3, 20 steps, independent probe answers) it closed 0.71 of the gap at 11.5x a prefill per "
         "token (BENCHMARKS.md, 'The cheaper teacher and the untrained window'). Step 0 must train through the "
         "window: never doing so lost 0.10 of the gap on the dev sessions for no measurable saving (BENCHMARKS.md, "
-        "'A window never trained').",
+        "'Fewer window reads').",
     )
     update_penalty: Literal["none", "l1", "l2"] = Field(
         "none", description="Regulariser on the LoRA update delta-W (paper's L1 vs L2 ablation)."

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from absorber_memory.bench.data import CHITCHAT_QUERIES, chitchat_conversations, haystack_text, persona_conversation
 from absorber_memory.cli import main
@@ -359,3 +360,34 @@ def test_a_variant_with_layers_outside_the_model_fails_before_streaming(tmp_path
         main(["bench", "streaming", "--quick", "--model", "tiny", "--out", str(tmp_path), "--variant", "v",
               "lora_layers=[9]"])
     assert not (tmp_path / "streaming.json").exists()
+
+
+def gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_adapters_trained_in_one_place_give_the_same_logits_loaded_in_another(tmp_path):
+    """The `--out` / `--verify` round trip, both on this CPU (on a GPU machine the first half runs in bf16)."""
+    check = gpu_check()
+    trained = check.e2e(tmp_path, device="cpu", dtype=torch.float32)
+    assert trained["finite"] and trained["loss_fell"] and trained["adapter_moved_logits"] > 0
+    verified = check.verify(tmp_path)
+    assert verified["same_argmax"] and verified["max_abs_diff_cpu_vs_gpu"] < 1e-4
+    assert verified["max_abs_adapter_effect"] > 1e-3  # the loaded adapter, not the base model, gave them
+
+
+def test_gpu_check_names_what_is_missing(tmp_path, capsys):
+    check = gpu_check()
+    with pytest.raises(SystemExit, match="no base.safetensors, adapter, logits.pt there"):
+        check.main(["--verify", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            check.main(["--out", str(tmp_path / "out")])
+        assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -164,6 +164,17 @@ def test_leads_must_match_the_segments(tokenizer):
         absorber.train([], CONTEXT, [PROBES], base_teacher=True, leads=[len(PROBES) + 1])
 
 
+def test_a_report_times_its_own_training(tokenizer):
+    """`seconds` is the time `train` took (plus the teacher seconds passed in), whatever else it counts."""
+    import time
+
+    absorber = engine(tokenizer, max_steps=3, window_grad_every=3, train_window=False).absorber
+    started = time.perf_counter()
+    report = absorber.train([], CONTEXT, [WINDOW + PROBES], base_teacher=True, leads=[len(WINDOW)], teacher_seconds=2.0)
+    took = time.perf_counter() - started
+    assert 2.0 < report.seconds <= 2.0 + took and report.teacher_seconds <= report.seconds
+
+
 def test_causal_pairs_count_the_attention_mask():
     for start, count in [(0, 1), (0, 5), (3, 4), (7, 0)]:
         mask = torch.ones(start + count, start + count).tril()[start:]  # the rows of the `count` tokens
