@@ -765,10 +765,10 @@ class Absorber:
                     reuse = True
                 if step < steps:  # the work of the optimizer steps (not of the final loss), for the report
                     skip = window.skip(rows) if reuse and window is not None else {}
-                    for r in rows:
-                        first, n = batch.student_starts[r] + skip.get(r, 0), batch.lengths[r] + batch.held[r]
-                        step_tokens += n - skip.get(r, 0)
-                        step_pairs += causal_pairs(first, n - skip.get(r, 0))
+                    for r in rows:  # each row reads its tokens after any window it holds in keys and values
+                        skipped, n = skip.get(r, 0), batch.lengths[r] + batch.held[r]
+                        step_tokens += n - skipped
+                        step_pairs += causal_pairs(batch.student_starts[r] + skipped, n - skipped)
                     refresh_tokens += sum(batch.leads[r] for r in refreshed)
                     refresh_pairs += sum(causal_pairs(batch.student_starts[r], batch.leads[r]) for r in refreshed)
                 value, held, covered = self._step(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from absorber_memory.demo import PERSONA_CHAT, SYSTEM_PROMPT
 from absorber_memory.engine import AbsorptionEngine
 from absorber_memory.testing import tiny_model, tiny_tokenizer
 
+PREFIX = [{"role": "system", "content": SYSTEM_PROMPT}]
 PROMPT = [{"role": "user", "content": "What do you remember about me?"}]
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -58,7 +60,7 @@ def e2e_model(tokenizer: Any) -> Any:
 
 
 def adapted_logits(engine: AbsorptionEngine) -> torch.Tensor:
-    ids = engine.fmt.encode([{"role": "system", "content": SYSTEM_PROMPT}], PROMPT, add_generation_prompt=True)
+    ids = engine.fmt.encode(PREFIX, PROMPT, add_generation_prompt=True)
     device = next(engine.model.parameters()).device
     with torch.no_grad():
         return engine.model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
@@ -75,14 +77,11 @@ def e2e(out: Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) ->
     save_file(weights, str(out / "base.safetensors"))
     config = AbsorberConfig(max_steps=30, lr=1e-2, probe_count=4, probe_max_new_tokens=16, device=device)
     engine = AbsorptionEngine(model, tokenizer=tokenizer, config=config)
-    prefix = [{"role": "system", "content": SYSTEM_PROMPT}]
     before = adapted_logits(engine)
-    with Timed(enabled=device.startswith("cuda")) as timed:
-        report = engine.run_round(prefix, PERSONA_CHAT, [], n_probes=4, base_teacher=True)
+    with Timed(cuda=device.startswith("cuda")) as timed:
+        report = engine.run_round(PREFIX, PERSONA_CHAT, [], n_probes=4, base_teacher=True)
     lora = [p for n, p in engine.model.named_parameters() if "lora_" in n]
-    finite = all(torch.isfinite(torch.tensor(report.loss_curve)).tolist()) and all(
-        bool(torch.isfinite(p).all()) for p in lora
-    )
+    finite = all(math.isfinite(v) for v in report.loss_curve) and all(bool(torch.isfinite(p).all()) for p in lora)
     engine.save_adapter(out / "adapter")
     engine.model.float()  # the same weights in float32, to compare with a CPU in float32
     after = adapted_logits(engine)
@@ -133,8 +132,8 @@ class Timed:
     Both wait for the GPU's queued work first, so the block's kernels are counted, not just their launches.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.cuda = enabled  # False (a CPU run): `seconds` is the wall clock's
+    def __init__(self, cuda: bool = True) -> None:
+        self.cuda = cuda  # False (a CPU run): `seconds` is the wall clock's
 
     def __enter__(self) -> Timed:
         if self.cuda:
@@ -188,14 +187,13 @@ def speed(name: str, steps: int, peak: float, rows: int = 4, row_tokens: int = 5
         sync_recitation="off",
     )
     engine = AbsorptionEngine(model, tokenizer=tokenizer, config=config)
-    prefix = [{"role": "system", "content": SYSTEM_PROMPT}]
     context = text_messages(1024, tokenizer)
     segments = [text_messages(row_tokens, tokenizer) for _ in range(rows)]
-    engine.absorber.train(prefix, context, segments, base_teacher=True, max_steps=2)  # warm-up
+    engine.absorber.train(PREFIX, context, segments, base_teacher=True, max_steps=2)  # warm-up
     torch.cuda.synchronize()
     engine.reset_adapter()
     with Timed() as timed:
-        report = engine.absorber.train(prefix, context, segments, base_teacher=True)
+        report = engine.absorber.train(PREFIX, context, segments, base_teacher=True)
     train = timed.seconds  # the teacher's one pass included: a little conservative
     linear = step_linear_flops(engine.model) * report.step_tokens
     attention = attention_pair_flops(engine.model)[0] * report.step_attention_pairs
@@ -215,7 +213,7 @@ def speed(name: str, steps: int, peak: float, rows: int = 4, row_tokens: int = 5
         "linear_tflops": linear / train / 1e12,
         "mfu_measured_peak": achieved / peak,
         "mfu_datasheet": achieved / DATASHEET_BF16_TFLOPS,
-        "finite": all(v == v for v in report.loss_curve),
+        "finite": all(math.isfinite(v) for v in report.loss_curve),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
     del engine, model

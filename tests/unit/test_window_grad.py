@@ -181,18 +181,6 @@ def test_causal_pairs_count_the_attention_mask():
         assert causal_pairs(start, count) == int(mask.sum())
 
 
-def train_reads(absorber, segments, leads) -> tuple[list[tuple[int, bool]], object]:
-    """Tokens each forward read during `absorber.train` with whether gradients were on, and the report."""
-    reads: list[tuple[int, bool]] = []
-    embed = absorber.model.get_input_embeddings()
-    handle = embed.register_forward_hook(lambda _m, a, _o: reads.append((a[0].numel(), torch.is_grad_enabled())))
-    try:
-        report = absorber.train([], CONTEXT, segments, base_teacher=True, leads=leads)
-    finally:
-        handle.remove()
-    return reads, report
-
-
 def test_without_training_the_window_its_keys_and_values_are_refreshed_without_gradients(tokenizer):
     """`train_window=False`: after step 0, the k-th steps re-read the window with no gradient, then train the rest."""
     absorber = engine(tokenizer, max_steps=6, window_grad_every=3, train_window=False).absorber
@@ -201,7 +189,13 @@ def test_without_training_the_window_its_keys_and_values_are_refreshed_without_g
     window = len(absorber.fmt.encode_segments(WINDOW))
     after = whole - window
     assert window != after  # the reads below are told apart by their length
-    reads, report = train_reads(absorber, segments, [len(WINDOW)])
+    reads: list[tuple[int, bool]] = []
+    embed = absorber.model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda _m, a, _o: reads.append((a[0].numel(), torch.is_grad_enabled())))
+    try:
+        report = absorber.train([], CONTEXT, segments, base_teacher=True, leads=[len(WINDOW)])
+    finally:
+        handle.remove()
     teacher = len(absorber.fmt.encode_segments(CONTEXT)) + whole
     # Step 0 trains the whole row; step 3 re-reads the window, then trains what follows; the final loss is whole.
     assert [n for n, _ in reads] == [teacher, whole, after, after, window, after, after, after, whole]
