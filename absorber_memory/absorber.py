@@ -52,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import losses
+from .attention import absorber_attention
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
 from .errors import AbsorptionError
@@ -187,6 +188,19 @@ def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _recorded(read: PromptCache, rows: list[list[int]], shared: int, want_logits: bool) -> list[torch.Tensor]:
+    """The teacher states (then logits, if wanted) `read` recorded of the tokens after `shared` all `rows` start with.
+
+    `read.states` hold the states of `read.ids[read.states_from:]` (`PromptCache.record`), with the
+    logits if and only if they are wanted; each row keeps at least one token to read anew. Empty: none.
+    """
+    if not read.states or read.states_from > shared or read.record_logits != want_logits:
+        return []
+    end = read.states_from + read.states[0].shape[1]
+    known = min(min(common_prefix(row[shared:end], read.ids[shared:end]), len(row) - shared - 1) for row in rows)
+    return [t[:, shared - read.states_from :][:, :known] for t in read.states] if known > 0 else []
 
 
 class _WindowKV:
@@ -439,9 +453,10 @@ class Absorber:
             cache.update(keys, values, layer)
         keep = {} if logits else {"logits_to_keep": 1}
         x = torch.tensor([ids], device=self.device)
-        return self.model(
-            input_ids=x, **cache_kwargs(self.model, cache), use_cache=True, output_hidden_states=True, **keep
-        )
+        with absorber_attention(self.model, window=kv[0][0].shape[2]):  # the window's keys take no gradients
+            return self.model(
+                input_ids=x, **cache_kwargs(self.model, cache), use_cache=True, output_hidden_states=True, **keep
+            )
 
     def _teacher_rows(
         self, batch: _Batch, want_logits: bool, read: PromptCache | None = None
@@ -457,10 +472,12 @@ class Absorber:
         shared = batch.teacher_starts[0]
         rows = batch.teacher
         long_shared = shared >= SHARED_PREFIX_TOKENS and all(len(r) > shared for r in rows)
-        cache = None
+        cache, recorded = None, []
         if long_shared and read is not None and common_prefix(read.ids, rows[0][:shared]) == shared:
-            cache, read.ids = read.cache, read.ids[:shared]
-            crop_cache(cache, shared)
+            recorded = _recorded(read, rows, shared, want_logits)
+            known = recorded[0].shape[1] if recorded else 0
+            cache, read.ids = read.cache, read.ids[: shared + known]
+            crop_cache(cache, shared + known)
         elif long_shared and len(rows) > 1:
             from transformers import DynamicCache
 
@@ -471,11 +488,17 @@ class Absorber:
             out_rows = []
             keep = {} if want_logits else {"logits_to_keep": 1}
             with_cache = cache_kwargs(self.model, cache)
+            first = cache.get_seq_length()  # [prefix; C], and the tokens after it whose states `read` recorded
             for row in rows:
-                ids = torch.tensor([row[shared:]], device=self.device)
-                out = self.model(input_ids=ids, **with_cache, use_cache=True, output_hidden_states=True, **keep)
-                out_rows.append((*out.hidden_states[1:], out.logits))
-                crop_cache(cache, shared)
+                ids = torch.tensor([row[first:]], device=self.device)
+                with absorber_attention(self.model, window=first):  # each row after the cached keys and values
+                    out = self.model(input_ids=ids, **with_cache, use_cache=True, output_hidden_states=True, **keep)
+                hidden, logits = out.hidden_states[1:], out.logits
+                if recorded:
+                    hidden = tuple(torch.cat([r, h], 1) for r, h in zip(recorded, hidden, strict=False))
+                    logits = torch.cat([recorded[-1], logits], 1) if want_logits else logits
+                out_rows.append((*hidden, logits))
+                crop_cache(cache, first)
             return out_rows, [0] * len(rows)
         found: dict[int, tuple[torch.Tensor, ...]] = {}
         for group in micro_batches([len(r) for r in rows], list(range(len(rows))), self.config):

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: The name of the engine's one adapter inside its PEFT model.
 ADAPTER = "default"
+#: Tokens kept beyond the window's own when recording its teacher states: the probes' shared start
+#: continues past the window into the chat template's opening of the next user turn.
+_TEMPLATE_SLACK = 32
 
 
 class AbsorptionEngine:
@@ -186,7 +189,13 @@ class AbsorptionEngine:
         ):
             kind, read, base_teacher = "history", history + context, True
 
-        chain = PromptCache()  # each chained probe extends the last prompt: read the history once
+        # Each chained probe extends the last prompt: read the history once. Answers to independent probes
+        # after the window keep the window's states: the teacher's targets there are read off them.
+        window = sum(self.fmt.count(m) for m in following or []) + _TEMPLATE_SLACK
+        chain = PromptCache(
+            record=window if following and self.config.probe_answers == "independent" else 0,
+            record_logits=self.config.losses.get("logit_kl", 0) > 0,
+        )
 
         def answer(question: list[Message]) -> str:
             return self.generate(prefix, read + question, max_new, base=base_teacher, cache=chain)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
+from .attention import absorber_attention, sliding
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -122,17 +123,30 @@ class PromptCache:
     `SHARED_PREFIX_TOKENS` with the cached one is read from scratch. One cache
     serves one model state: build a new one when the adapter (or its being on
     or off) changes. Not thread-safe.
+
+    With `record` > 0, `branch_generate_ids` also keeps every layer's hidden
+    states (and with `record_logits` the logits) of the last `record` tokens
+    of the shared start it reads: the teacher's targets at those positions
+    (the window, in a streaming round) are then read off them rather than
+    computed again (`Absorber.train(read=...)`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record: int = 0, record_logits: bool = False) -> None:
         self.ids: list[int] = []
         self.cache: Any = None
+        self.record = record
+        self.record_logits = record_logits
+        #: Per layer `[1, T, hidden]` (then the logits `[1, T, vocab]` with `record_logits`) of `ids[states_from:]`.
+        self.states: tuple[torch.Tensor, ...] | None = None
+        self.states_from = 0
 
     def generate_ids(
         self, model: Any, tokenizer: Any, input_ids: list[int], max_new_tokens: int, **kwargs: Any
     ) -> list[int]:
         """`generate_ids`, reading from the cache whatever of `input_ids` it already holds."""
         from transformers import DynamicCache
+
+        self.states = None  # recorded by `branch_generate_ids` only
 
         keep = min(common_prefix(self.ids, input_ids), len(input_ids) - 1)  # at least one token is read anew
         if self.cache is None or keep < max(1, SHARED_PREFIX_TOKENS):  # a short shared start: read it all anew
@@ -149,13 +163,6 @@ class PromptCache:
         tokens = out[0].tolist()
         self.ids = tokens[: self.cache.get_seq_length()]  # the last generated token was never read
         return _until_eos(tokens[len(input_ids) :], tokenizer.eos_token_id)
-
-
-def _sliding(model: Any) -> bool:
-    """Whether any layer of `model` attends through a sliding window (a custom mask would override it)."""
-    config = getattr(model, "config", None)
-    kinds = getattr(config, "layer_types", None) or []
-    return getattr(config, "sliding_window", None) is not None or any("sliding" in str(k) for k in kinds)
 
 
 def branch_generate_ids(
@@ -184,10 +191,23 @@ def branch_generate_ids(
         crop_cache(reader.cache, keep)
     device = next(model.parameters()).device
     with_cache = cache_kwargs(model, reader.cache)
-    with torch.no_grad():
-        if shared > keep:
-            head = torch.tensor([prompts[0][keep:shared]], device=device)
+    with torch.no_grad(), absorber_attention(model):  # masked steps: grouped heads read the cache unrepeated
+        tail = min(reader.record, shared - keep)
+        if shared - tail > keep:
+            head = torch.tensor([prompts[0][keep : shared - tail]], device=device)
             model(input_ids=head, **with_cache, use_cache=True, logits_to_keep=1)
+        reader.states = None
+        if tail:  # read apart, so the states kept are the tail's only
+            head = torch.tensor([prompts[0][shared - tail : shared]], device=device)
+            out = model(
+                input_ids=head,
+                **with_cache,
+                use_cache=True,
+                output_hidden_states=True,
+                logits_to_keep=tail if reader.record_logits else 1,
+            )
+            reader.states = (*out.hidden_states[1:], out.logits) if reader.record_logits else out.hidden_states[1:]
+            reader.states_from = shared - tail
         reader.ids = prompts[0][:shared]
         answers: list[list[int]] = [[] for _ in prompts]
         tokens = [p[shared:] for p in prompts]  # what each prompt reads next
@@ -263,7 +283,7 @@ def generate_batch_ids(
         return []
     shared = min(common_prefix(prompts[0], p) for p in prompts)
     if len(prompts) > 1 and shared >= SHARED_PREFIX_TOKENS:
-        if not kwargs and not _sliding(model):
+        if not kwargs and not sliding(model):
             return branch_generate_ids(model, tokenizer, prompts, max_new_tokens, cache=cache)
         reader = cache if cache is not None else PromptCache()
         return [reader.generate_ids(model, tokenizer, p, max_new_tokens, **kwargs) for p in prompts]

@@ -312,6 +312,43 @@ def test_a_streaming_round_reads_its_context_once_for_probe_answers_and_targets(
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh_weights, cached_weights, strict=True))
 
 
+@pytest.mark.parametrize("with_logits", [False, True])
+def test_independent_probe_answers_record_the_window_s_teacher_states_for_the_targets(
+    make_memory, monkeypatch, with_logits
+):
+    """The targets' forward reads only what follows the window; the round trains as if it read it all."""
+    from absorber_memory import absorber, generation
+
+    following = chat("Let us talk about the weather.", "It is sunny today.", "And tomorrow?", "Rain, I think.")
+    monkeypatch.setattr(generation, "SHARED_PREFIX_TOKENS", 1)
+    monkeypatch.setattr(absorber, "SHARED_PREFIX_TOKENS", 1)
+    real_recorded = absorber._recorded
+
+    def run(record):
+        monkeypatch.setattr(absorber, "_recorded", real_recorded if record else lambda *a: 0)
+        losses_ = {"l1": 1.0, "logit_kl": 0.25} if with_logits else {"l1": 1.0}
+        pm = make_memory(probe_count=3, losses=losses_, probe_answers="independent", max_steps=4)
+        reads, targets = [], []
+        real_forward, real_targets = pm.model.forward, pm.engine.absorber._teacher_targets
+        monkeypatch.setattr(pm.model, "forward",
+                            lambda *a, **k: reads.append(k["input_ids"].shape[1]) or real_forward(*a, **k))
+        monkeypatch.setattr(pm.engine.absorber, "_teacher_targets",
+                            lambda *a: targets.append(len(reads)) or real_targets(*a))
+        report = pm.engine.run_round([], CONTEXT * 3, n_probes=3, following=following, base_teacher=True)
+        weights = [p.detach().clone() for p in trainable_lora_parameters(pm.model, "default")]
+        window = sum(pm.engine.fmt.count(m) for m in following)
+        return report, weights, reads[targets[0]], window
+
+    fresh, fresh_weights, fresh_read, window = run(record=False)
+    recorded, recorded_weights, recorded_read, _ = run(record=True)
+    assert fresh_read == fresh.sync_tokens  # after [prefix; C] from the probe answers' cache
+    assert recorded_read <= recorded.sync_tokens - window  # the window's states came from the answers' read
+    assert recorded.loss_curve == pytest.approx(fresh.loss_curve, rel=1e-3)
+    assert recorded.initial_loss == pytest.approx(fresh.initial_loss, rel=1e-5)  # the same targets, to rounding
+    # Adam's normalised steps carry the targets' rounding (they were read in two pieces) into the weights.
+    assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(fresh_weights, recorded_weights, strict=True))
+
+
 def test_a_cache_that_did_not_read_the_context_is_not_used_for_the_targets(make_memory, monkeypatch):
     from absorber_memory import absorber
     from absorber_memory.generation import PromptCache
