@@ -24,6 +24,8 @@ k-th step reads and trains all of S and keeps the window's keys and values
 from that forward; the steps between read only what follows the window,
 after those keys and values (detached, at most k - 1 updates old), so the
 probes still attend to the window while a step costs only their tokens.
+On a CPU their attention computes no gradients for those stored keys and
+values, constants of the step (`attention.py`).
 
 Positions (left open by the paper): the student reads S at its natural
 positions right after the prefix, exactly where the window sits at inference
@@ -52,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import losses
-from .attention import absorber_attention
+from .attention import absorber_attention, splits_window
 from .chat import ChatFormat, Message
 from .config import AbsorberConfig
 from .errors import AbsorptionError
@@ -92,6 +94,9 @@ class AbsorptionReport:
     #: token attends to every position up to its own: the prefix, the window, S so far), the steps' work.
     step_tokens: int = 0
     step_attention_pairs: int = 0
+    #: Of those, the pairs of steps' queries with stored window keys where those take no gradients
+    #: (`attention.absorber_attention`'s split: a forward and the queries' gradient, no keys' or values').
+    step_window_pairs: int = 0
     #: Window tokens re-read without gradients to refresh the stored keys and values, and their query-key pairs.
     refresh_tokens: int = 0
     refresh_attention_pairs: int = 0
@@ -775,7 +780,8 @@ class Absorber:
         window = (
             _WindowKV(cfg.window_grad_every, batch.leads) if cfg.window_grad_every > 1 and any(batch.leads) else None
         )
-        step_tokens = step_pairs = refresh_tokens = refresh_pairs = 0
+        step_tokens = step_pairs = window_pairs = refresh_tokens = refresh_pairs = 0
+        split = splits_window(self.model)  # whether steps that read stored keys compute no gradients for them
         bar = tqdm(total=steps, desc="absorbing", disable=not cfg.show_progress, leave=False)
         try:
             for step in range(steps + 1):
@@ -792,6 +798,7 @@ class Absorber:
                         skipped, n = skip.get(r, 0), batch.lengths[r] + batch.held[r]
                         step_tokens += n - skipped
                         step_pairs += causal_pairs(batch.student_starts[r] + skipped, n - skipped)
+                        window_pairs += (batch.student_starts[r] + skipped) * (n - skipped) if skipped and split else 0
                     refresh_tokens += sum(batch.leads[r] for r in refreshed)
                     refresh_pairs += sum(causal_pairs(batch.student_starts[r], batch.leads[r]) for r in refreshed)
                 value, held, covered = self._step(
@@ -858,6 +865,7 @@ class Absorber:
             best_step=best[1] if best is not None else None,
             step_tokens=step_tokens,
             step_attention_pairs=step_pairs,
+            step_window_pairs=window_pairs,
             refresh_tokens=refresh_tokens,
             refresh_attention_pairs=refresh_pairs,
         )

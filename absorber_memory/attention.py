@@ -219,6 +219,17 @@ def sliding(model: Any) -> bool:
     return getattr(config, "sliding_window", None) is not None or any("sliding" in str(k) for k in kinds)
 
 
+def splits_window(model: Any) -> bool:
+    """Whether `absorber_attention` switches `model` (a CPU `sdpa` model without sliding windows)."""
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "_attn_implementation", None) == "sdpa"  # transformers names a model's attention only so
+        and next(model.parameters()).device.type == "cpu"
+        and not sliding(model)
+        and _flash_ops() is not None
+    )
+
+
 @contextlib.contextmanager
 def absorber_attention(model: Any, window: int = 0) -> Iterator[bool]:
     """Within this block, `model`'s `sdpa` attention is `_attention`; yields whether it is.
@@ -233,14 +244,7 @@ def absorber_attention(model: Any, window: int = 0) -> Iterator[bool]:
     that use the model meanwhile get the same attention up to float rounding (the window split needs
     this block's `window`, which is per thread).
     """
-    config = getattr(model, "config", None)
-    switch = (
-        getattr(config, "_attn_implementation", None) == "sdpa"  # transformers names a model's attention only so
-        and next(model.parameters()).device.type == "cpu"
-        and not sliding(model)
-        and _flash_ops() is not None
-    )
-    if not switch:
+    if not splits_window(model):
         yield False
         return
     _register()

@@ -132,6 +132,7 @@ _JOB_FIELDS = (
     "heldout_tokens",
     "step_tokens",
     "step_attention_pairs",
+    "step_window_pairs",
     "refresh_tokens",
     "refresh_attention_pairs",
 )
@@ -279,12 +280,15 @@ def step_linear_flops(model: Any, lora_layers: list[int] | None = None) -> int:
     return 2 * (forward + backward)
 
 
-def attention_pair_flops(model: Any, lora_layers: list[int] | None = None) -> tuple[int, int]:
-    """FLOPs of attention per query-key pair, over all decoder layers: `(a training step's, a forward's)`.
+def attention_pair_flops(model: Any, lora_layers: list[int] | None = None) -> tuple[int, int, int]:
+    """FLOPs of attention per query-key pair, over all decoder layers: `(a training step's, a forward's,
+    a training step's with a stored window key)`.
 
     A forward multiplies each query with each key it sees and weighs each value (2 x 2 x heads x head
     size per pair and layer); the backward computes the gradients of queries, keys, values and scores,
     twice that, in the layers it reaches (from the top down to the lowest adapted, as `step_linear_flops`).
+    A stored window key takes no gradient (`attention.absorber_attention`): its backward computes the
+    scores' and queries' gradients only, as much as the forward.
     """
     from ..config import decoder_layer_count, resolve_layers
 
@@ -295,7 +299,7 @@ def attention_pair_flops(model: Any, lora_layers: list[int] | None = None) -> tu
     layers = decoder_layer_count(base)
     lowest = 0 if lora_layers is None else min(resolve_layers(lora_layers, layers))
     forward = 4 * width * layers
-    return forward + 8 * width * (layers - lowest), forward
+    return forward + 8 * width * (layers - lowest), forward, forward + 4 * width * (layers - lowest)
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
@@ -337,15 +341,15 @@ def pooled_rows(
     prefill_4k: float,
     params: int,
     step_flops: dict[str, int] | None = None,
-    pair_flops: dict[str, tuple[int, int]] | None = None,
+    pair_flops: dict[str, tuple[int, int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per method, pooled over chats (KL over all answer tokens, recall over all questions).
 
     A method's training FLOP/s (`train_gflops`) counts `step_flops[method]` per sync token of a step
     (`step_linear_flops`), else 4 x `params`: every linear layer forward and back. `work_gflops` adds the
-    rest of the matmuls' useful work: attention, `pair_flops[method]` per query-key pair of a step and of a
-    window refresh (`attention_pair_flops`), and the refreshes' linear layers (2 x `params` a token); it
-    needs every job to report its pairs.
+    rest of the matmuls' useful work: attention, `pair_flops[method]` per query-key pair of a step, of a
+    window refresh and of a step with a stored window key (`attention_pair_flops`), and the refreshes'
+    linear layers (2 x `params` a token); it needs every job to report its pairs.
     """
 
     def kl(rs: list[dict[str, Any]]) -> float:
@@ -382,10 +386,11 @@ def pooled_rows(
             j.get("step_tokens") or j["steps"] * (j["sync_tokens"] + (j.get("heldout_tokens") or 0)) for j in jobs
         )
         linear = (step_flops or {}).get(name, 4 * params)
-        train_pair, forward_pair = (pair_flops or {}).get(name, (0, 0))
+        train_pair, forward_pair, window_pair = (pair_flops or {}).get(name, (0, 0, 0))
         counted = bool(jobs) and train_pair > 0 and all(j.get("step_attention_pairs") is not None for j in jobs)
         work = linear * step_tokens + sum(
-            train_pair * (j.get("step_attention_pairs") or 0)
+            train_pair * ((j.get("step_attention_pairs") or 0) - (j.get("step_window_pairs") or 0))
+            + window_pair * (j.get("step_window_pairs") or 0)
             + 2 * params * (j.get("refresh_tokens") or 0)
             + forward_pair * (j.get("refresh_attention_pairs") or 0)
             for j in jobs

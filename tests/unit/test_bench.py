@@ -331,8 +331,9 @@ def test_attention_flops_count_each_query_key_pair_forward_and_back(tokenizer):
     model = tiny_model(tokenizer, layers=4)
     heads = model.config.num_attention_heads
     width = heads * (getattr(model.config, "head_dim", None) or model.config.hidden_size // heads)
-    assert attention_pair_flops(model) == (4 * 12 * width, 4 * 4 * width)  # forward 4 a layer, backward 8 more
-    assert attention_pair_flops(model, [-1]) == (4 * 4 * width + 8 * width, 4 * 4 * width)  # backward: top layer
+    # forward 4 a layer, backward 8 more; 4 more only with a stored window key (no key or value gradients)
+    assert attention_pair_flops(model) == (4 * 12 * width, 4 * 4 * width, 4 * 8 * width)
+    assert attention_pair_flops(model, [-1]) == (4 * 4 * width + 8 * width, 4 * 4 * width, 4 * 4 * width + 4 * width)
 
 
 def test_work_flops_add_attention_and_window_refreshes_to_the_linear_layers():
@@ -343,12 +344,14 @@ def test_work_flops_add_attention_and_window_refreshes_to_the_linear_layers():
                 "jobs": list(jobs), "absorbed_tokens": 10, "seconds": 3.0}  # fmt: skip
 
     job = {"seconds": 3.0, "teacher_seconds": 1.0, "steps": 2, "sync_tokens": 5, "step_tokens": 8,
-           "step_attention_pairs": 100, "refresh_tokens": 4, "refresh_attention_pairs": 10}  # fmt: skip
+           "step_attention_pairs": 100, "step_window_pairs": 60, "refresh_tokens": 4,
+           "refresh_attention_pairs": 10}  # fmt: skip
     old = {k: v for k, v in job.items() if "pairs" not in k and "refresh" not in k}  # a job reported before pairs
     raw = {"full": [result("a")], "truncation": [result("a")], "x": [result("a", [job])], "old": [result("a", [old])]}
-    rows = {r["method"]: r for r in pooled_rows(raw, 0.001, params=7, step_flops={"x": 28}, pair_flops={"x": (3, 1)})}
+    rows = {r["method"]: r for r in pooled_rows(raw, 0.001, params=7, step_flops={"x": 28}, pair_flops={"x": (3, 1, 2)})}
     assert rows["x"]["train_gflops"] == pytest.approx(28 * 8 / 2.0 / 1e9)  # the linear layers of the steps only
-    work = 28 * 8 + 3 * 100 + 2 * 7 * 4 + 1 * 10  # + attention of the steps, the refreshes' layers and attention
+    # + attention of the steps (40 pairs whole, 60 with a stored window key), the refreshes' layers and attention
+    work = 28 * 8 + 3 * 40 + 2 * 60 + 2 * 7 * 4 + 1 * 10
     assert rows["x"]["work_gflops"] == pytest.approx(work / 2.0 / 1e9)
     assert rows["old"]["work_gflops"] is None and rows["old"]["train_gflops"] > 0  # jobs without pairs: not counted
 

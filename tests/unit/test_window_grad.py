@@ -114,6 +114,7 @@ def test_steps_between_read_only_what_follows_the_window(tokenizer):
     start = absorber._plan([], CONTEXT, segments, [0], [len(WINDOW)]).student_starts[0]
     window = whole - after
     assert reports[0].step_attention_pairs == 2 * causal_pairs(start, whole) + 4 * causal_pairs(start + window, after)
+    assert reports[0].step_window_pairs == 4 * (start + window) * after
     assert reports[0].refresh_tokens == reports[0].refresh_attention_pairs == 0  # step 3 trains through the window
     assert reports[0].sync_tokens == whole
 
@@ -204,6 +205,7 @@ def test_without_training_the_window_its_keys_and_values_are_refreshed_without_g
     assert report.step_tokens == whole + 5 * after  # the refresh trains nothing and is not counted
     start = absorber._plan([], CONTEXT, segments, [0], [len(WINDOW)]).student_starts[0]
     assert report.step_attention_pairs == causal_pairs(start, whole) + 5 * causal_pairs(start + window, after)
+    assert report.step_window_pairs == 5 * (start + window) * after  # the stored keys, read without their gradients
     assert (report.refresh_tokens, report.refresh_attention_pairs) == (window, causal_pairs(start, window))
     assert report.final_loss < report.initial_loss
     # With the window trained (the default), step 3 reads the whole row instead.
