@@ -801,9 +801,10 @@ class Absorber:
                         window_pairs += (batch.student_starts[r] + skipped) * (n - skipped) if skipped and split else 0
                     refresh_tokens += sum(batch.leads[r] for r in refreshed)
                     refresh_pairs += sum(causal_pairs(batch.student_starts[r], batch.leads[r]) for r in refreshed)
-                value, held, covered = self._step(
-                    batch, targets, adapter, rows, step < steps, held_scales, window=window, reuse=reuse
-                )
+                with contextlib.nullcontext() if step < steps else torch.no_grad():  # the final loss trains nothing
+                    value, held, covered = self._step(
+                        batch, targets, adapter, rows, step < steps, held_scales, window=window, reuse=reuse
+                    )
                 if not math.isfinite(value):
                     raise AbsorptionError(f"loss became {value} at step {step}; adapter rolled back")
                 curve.append(value)

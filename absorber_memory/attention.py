@@ -223,7 +223,8 @@ def splits_window(model: Any) -> bool:
     """Whether `absorber_attention` switches `model` (a CPU `sdpa` model without sliding windows)."""
     config = getattr(model, "config", None)
     return (
-        getattr(config, "_attn_implementation", None) == "sdpa"  # transformers names a model's attention only so
+        # transformers names a model's attention only so; NAME: inside another `absorber_attention` block
+        getattr(config, "_attn_implementation", None) in ("sdpa", NAME)
         and next(model.parameters()).device.type == "cpu"
         and not sliding(model)
         and _flash_ops() is not None
@@ -240,18 +241,22 @@ def absorber_attention(model: Any, window: int = 0) -> Iterator[bool]:
             are (the split of the module docstring); 0 for any other forward.
 
     Only a CPU model whose attention is `sdpa` and whose layers attend causally to everything (no
-    sliding window) is switched (`set_attn_implementation`, and back to `sdpa` after). Other threads
-    that use the model meanwhile get the same attention up to float rounding (the window split needs
-    this block's `window`, which is per thread).
+    sliding window) is switched (`set_attn_implementation`, and back to `sdpa` after). Blocks nest:
+    an inner one sets its own `window` and leaves the switching to the outer. Other threads that use
+    the model meanwhile get the same attention up to float rounding (the window split needs this
+    block's `window`, which is per thread).
     """
     if not splits_window(model):
         yield False
         return
     _register()
+    outer = getattr(model.config, "_attn_implementation", None) == NAME  # see `splits_window`
     token = _WINDOW.set(window)
-    model.set_attn_implementation(NAME)
+    if not outer:
+        model.set_attn_implementation(NAME)
     try:
         yield True
     finally:
-        model.set_attn_implementation("sdpa")
+        if not outer:
+            model.set_attn_implementation("sdpa")
         _WINDOW.reset(token)

@@ -199,13 +199,14 @@ def branch_generate_ids(
         reader.states = None
         if tail:  # read apart, so the states kept are the tail's only
             head = torch.tensor([prompts[0][shared - tail : shared]], device=device)
-            out = model(
-                input_ids=head,
-                **with_cache,
-                use_cache=True,
-                output_hidden_states=True,
-                logits_to_keep=tail if reader.record_logits else 1,
-            )
+            with absorber_attention(model, window=reader.cache.get_seq_length()):  # one row after the cache
+                out = model(
+                    input_ids=head,
+                    **with_cache,
+                    use_cache=True,
+                    output_hidden_states=True,
+                    logits_to_keep=tail if reader.record_logits else 1,
+                )
             reader.states = (*out.hidden_states[1:], out.logits) if reader.record_logits else out.hidden_states[1:]
             reader.states_from = shared - tail
         reader.ids = prompts[0][:shared]

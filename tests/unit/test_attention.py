@@ -149,6 +149,11 @@ def test_the_block_switches_only_a_cpu_sdpa_model_and_always_switches_back(group
     with pytest.raises(RuntimeError, match="inside"), absorber_attention(grouped, window=5):
         raise RuntimeError("inside")
     assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() == 0
+    with absorber_attention(grouped, window=3) as outer:
+        with absorber_attention(grouped, window=7) as inner:  # nested: its own window, the outer's switch
+            assert outer and inner and attention._WINDOW.get() == 7
+        assert grouped.config._attn_implementation == attention.NAME and attention._WINDOW.get() == 3
+    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() == 0
     eager = tiny_model(tokenizer, seed=3)
     eager.set_attn_implementation("eager")
     with absorber_attention(eager, window=5) as on:
