@@ -480,6 +480,7 @@ class Absorber:
         cache, recorded = None, []
         if long_shared and read is not None and common_prefix(read.ids, rows[0][:shared]) == shared:
             recorded = _recorded(read, rows, shared, want_logits)
+            read.states = None  # taken (or of no use here): not held through training
             known = recorded[0].shape[1] if recorded else 0
             cache, read.ids = read.cache, read.ids[: shared + known]
             crop_cache(cache, shared + known)
