@@ -77,7 +77,7 @@ class _WindowThenRow(torch.autograd.Function):
         window_values: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        flash, _ = _flash_ops()  # type: ignore[misc]  # `_window_applies` checked they exist
+        flash, _ = _flash_ops()  # type: ignore[misc]  # `absorber_attention` switches only where they exist
         b, heads, n, d = query.shape
         groups = heads // keys.shape[1]
         query = query.contiguous()
@@ -149,19 +149,21 @@ def _window_query_grad(
     return grad_q.mul_(scale)
 
 
-def _window_applies(
-    query: torch.Tensor, key: torch.Tensor, window: int, dropout: float, kwargs: dict[str, Any]
-) -> bool:
-    """Whether a call is one the window split computes: one row, the stored window then the row's own keys."""
-    plain = not any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "position_bias", "s_aux"))
+#: Attention arguments of models this module leaves to `sdpa` (it computes plain causal attention only).
+_UNSUPPORTED = ("sliding_window", "softcap", "position_bias", "s_aux")
+
+
+def _window_applies(query: torch.Tensor, key: torch.Tensor, window: int, dropout: float) -> bool:
+    """Whether a call is one the window split computes: one row, the stored window then the row's own keys.
+
+    The device and the fused kernel need no check here: `absorber_attention` switches only CPU models,
+    and only when the kernel exists.
+    """
     return (
-        plain
-        and dropout == 0.0
-        and query.device.type == "cpu"
+        dropout == 0.0
         and query.shape[0] == 1
         and key.shape[2] == window + query.shape[2]
         and query.shape[1] % key.shape[1] == 0
-        and _flash_ops() is not None
     )
 
 
@@ -178,9 +180,13 @@ def _attention(
     """transformers' attention-function signature; `sdpa` except in the two cases of the module docstring."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if any(kwargs.get(k) is not None for k in _UNSUPPORTED):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     window = _WINDOW.get()
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
-    if window and _window_applies(query, key, window, dropout, kwargs):
+    if window and _window_applies(query, key, window, dropout):
         out = _WindowThenRow.apply(
             query,
             key[:, :, window:],
@@ -191,8 +197,7 @@ def _attention(
         )
         return out.transpose(1, 2).contiguous(), None
     grouped = query.shape[1] != key.shape[1]
-    plain = not any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux"))
-    if grouped and plain and attention_mask is not None and not torch.is_grad_enabled() and query.device.type == "cpu":
+    if grouped and attention_mask is not None and not torch.is_grad_enabled():
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale, enable_gqa=True
         )
