@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,8 +43,12 @@ NAME = "absorber_sdpa"
 #: Queries per tile of the window block's backward: its scores then stay in the CPU's caches.
 QUERY_TILE = 128
 
-#: Keys at the start of every attention call that are the stored window (0: none), set by `absorber_attention`.
-_WINDOW: contextvars.ContextVar[int] = contextvars.ContextVar("absorber_window", default=0)
+#: Keys at the start of every attention call that are the stored window (0: none), set by `absorber_attention`;
+#: None outside every block, where the attention is exactly `sdpa` (another thread may have switched the model).
+_WINDOW: contextvars.ContextVar[int | None] = contextvars.ContextVar("absorber_window", default=None)
+#: Open blocks per switched model (keyed by its config's id): the first switches it, the last switches it back.
+_OPEN: dict[int, int] = {}
+_SWITCHING = threading.Lock()
 _registered = False
 
 
@@ -180,11 +185,11 @@ def _attention(
     """transformers' attention-function signature; `sdpa` except in the two cases of the module docstring."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if any(kwargs.get(k) is not None for k in _UNSUPPORTED):
+    window = _WINDOW.get()
+    if window is None or any(kwargs.get(k) is not None for k in _UNSUPPORTED):  # outside a block: `sdpa` itself
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    window = _WINDOW.get()
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
     if window and _window_applies(query, key, window, dropout):
         out = _WindowThenRow.apply(
@@ -246,22 +251,28 @@ def absorber_attention(model: Any, window: int = 0) -> Iterator[bool]:
             are (the split of the module docstring); 0 for any other forward.
 
     Only a CPU model whose attention is `sdpa` and whose layers attend causally to everything (no
-    sliding window) is switched (`set_attn_implementation`, and back to `sdpa` after). Blocks nest:
-    an inner one sets its own `window` and leaves the switching to the outer. Other threads that use
-    the model meanwhile get the same attention up to float rounding (the window split needs this
-    block's `window`, which is per thread).
+    sliding window) is switched (`set_attn_implementation`, and back to `sdpa` after). Blocks nest
+    and may be open in several threads at once (absorption workers sharing a model): the first open
+    block switches the model, the last to close switches it back, and each block sets its own
+    `window`. A thread outside every block gets transformers' `sdpa` itself even while the model is
+    switched, so what one thread computes never depends on what another is doing.
     """
     if not splits_window(model):
         yield False
         return
     _register()
-    outer = getattr(model.config, "_attn_implementation", None) == NAME  # see `splits_window`
+    config = model.config
     token = _WINDOW.set(window)
-    if not outer:
-        model.set_attn_implementation(NAME)
+    with _SWITCHING:
+        _OPEN[id(config)] = _OPEN.get(id(config), 0) + 1
+        if _OPEN[id(config)] == 1:
+            model.set_attn_implementation(NAME)
     try:
         yield True
     finally:
-        if not outer:
-            model.set_attn_implementation("sdpa")
+        with _SWITCHING:
+            _OPEN[id(config)] -= 1
+            if not _OPEN[id(config)]:
+                del _OPEN[id(config)]
+                model.set_attn_implementation("sdpa")
         _WINDOW.reset(token)

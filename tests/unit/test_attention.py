@@ -7,6 +7,9 @@ must give the same outputs. Both apply only inside the block, and the model is `
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -113,47 +116,83 @@ def test_a_wrong_window_width_or_a_batch_falls_back_to_sdpa(grouped, spy):
     assert torch.allclose(two.logits, plain.logits, atol=1e-6)
 
 
+def masked_decode(model, ids, kv, block: bool):
+    """One decoding step of three branches that each see the window and themselves, inside a block or not."""
+    mask = torch.zeros(1, 1, 3, WIDTH + 3)
+    mask[..., WIDTH:] = torch.finfo(torch.float32).min
+    for branch in range(3):
+        mask[0, 0, branch, WIDTH + branch] = 0
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(kv):
+        cache.update(keys, values, layer)
+    with torch.no_grad(), absorber_attention(model) if block else contextlib.nullcontext():
+        return model(
+            input_ids=ids[:, WIDTH:],
+            position_ids=torch.tensor([[WIDTH] * 3]),
+            attention_mask=mask,
+            **cache_kwargs(model, cache),
+            use_cache=True,
+        ).logits
+
+
 def test_masked_decoding_without_gradients_reads_grouped_heads_unrepeated(grouped, spy):
     ids = torch.randint(3, 60, (1, WIDTH + 3), generator=torch.Generator().manual_seed(3))
     kv = stored_window(grouped, ids)
     spy["gqa"] = 0  # transformers' own sdpa passes `enable_gqa` when there is no mask, as in that read
-    mask = torch.zeros(1, 1, 3, WIDTH + 3)
-    mask[..., WIDTH:] = torch.finfo(torch.float32).min  # three branches that each see the window and themselves
-    for branch in range(3):
-        mask[0, 0, branch, WIDTH + branch] = 0
-
-    def step(on: bool):
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(kv):
-            cache.update(keys, values, layer)
-        with torch.no_grad(), absorber_attention(grouped) if on else torch.no_grad():
-            return grouped(
-                input_ids=ids[:, WIDTH:],
-                position_ids=torch.tensor([[WIDTH] * 3]),
-                attention_mask=mask,
-                **cache_kwargs(grouped, cache),
-                use_cache=True,
-            ).logits
-
-    fast = step(True)
+    fast = masked_decode(grouped, ids, kv, block=True)
     assert spy["gqa"] == grouped.config.num_hidden_layers
-    assert torch.allclose(fast, step(False), atol=1e-5)
+    assert torch.allclose(fast, masked_decode(grouped, ids, kv, block=False), atol=1e-5)
     assert spy["gqa"] == grouped.config.num_hidden_layers  # plain sdpa repeats the heads instead
+
+
+def test_blocks_in_other_threads_change_nothing_this_thread_computes(grouped, spy):
+    """Training replicas share one config: the model stays switched while any thread's block is open,
+    and a thread outside every block gets `sdpa` itself, bit for bit, while another thread's is open."""
+    ids = torch.randint(3, 60, (1, WIDTH + 3), generator=torch.Generator().manual_seed(4))
+    kv = stored_window(grouped, ids)
+    plain = masked_decode(grouped, ids, kv, block=False)
+    opened, second_open, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def other_thread():
+        with absorber_attention(grouped, window=5):
+            opened.set()
+            second_open.wait(10)
+        closed.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        assert opened.wait(10) and grouped.config._attn_implementation == attention.NAME
+        spy["gqa"] = 0
+        outside = masked_decode(grouped, ids, kv, block=False)  # the model is switched; this thread is outside
+        assert spy["gqa"] == 0 and torch.equal(outside, plain)
+        with absorber_attention(grouped) as on:
+            assert on and attention._WINDOW.get() == 0  # this thread's window, not the other's 5
+            second_open.set()
+            assert closed.wait(10)
+            assert grouped.config._attn_implementation == attention.NAME  # the other closed first: still switched
+            inside = masked_decode(grouped, ids, kv, block=False)  # within this thread's open block
+        assert spy["gqa"] == grouped.config.num_hidden_layers
+        assert torch.allclose(inside, plain, atol=1e-5)
+    finally:
+        second_open.set()
+        worker.join(10)
+    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() is None
 
 
 def test_the_block_switches_only_a_cpu_sdpa_model_and_always_switches_back(grouped, tokenizer):
     with absorber_attention(grouped, window=5) as on:
         assert on and grouped.config._attn_implementation == attention.NAME
         assert attention._WINDOW.get() == 5
-    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() == 0
+    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() is None
     with pytest.raises(RuntimeError, match="inside"), absorber_attention(grouped, window=5):
         raise RuntimeError("inside")
-    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() == 0
+    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() is None
     with absorber_attention(grouped, window=3) as outer:
         with absorber_attention(grouped, window=7) as inner:  # nested: its own window, the outer's switch
             assert outer and inner and attention._WINDOW.get() == 7
         assert grouped.config._attn_implementation == attention.NAME and attention._WINDOW.get() == 3
-    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() == 0
+    assert grouped.config._attn_implementation == "sdpa" and attention._WINDOW.get() is None
     eager = tiny_model(tokenizer, seed=3)
     eager.set_attn_implementation("eager")
     with absorber_attention(eager, window=5) as on:
