@@ -87,6 +87,26 @@ def run(model: str, split: str, persona: int, arm: str, threads: int) -> dict[st
     }
 
 
+def run_around_train(wrap: Any, model: str, split: str, persona: int, threads: int) -> dict[str, Any]:
+    """`run`'s `new` arm with `Absorber.train` replaced by `wrap(train)` for the round (then restored)."""
+    train = absorber.Absorber.train
+    absorber.Absorber.train = wrap(train)  # type: ignore[method-assign]
+    try:
+        return run(model, split, persona, "new", threads)
+    finally:
+        absorber.Absorber.train = train  # type: ignore[method-assign]
+
+
+def round_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments of the scripts that run one round: `--model`, `--split`, `--persona`, `--threads`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--split", choices=["dev", "test"], default="dev")
+    parser.add_argument("--persona", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")

@@ -13,38 +13,29 @@ allocator thresholds:
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 from typing import Any
 
-from attention_ab import run
-
-from absorber_memory import absorber
+from attention_ab import round_parser, run_around_train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--split", choices=["dev", "test"], default="dev")
-    parser.add_argument("--persona", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    train, seen = absorber.Absorber.train, {}
+    args = round_parser(__doc__.splitlines()[0]).parse_args()
+    seen: dict[str, Any] = {}
 
-    def counted(self: Any, *a: Any, **k: Any) -> Any:
-        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        report = train(self, *a, **k)
-        seen["train_s"] = time.perf_counter() - start
-        seen["train_minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        return report
+    def counting(train: Any) -> Any:
+        def counted(self: Any, *a: Any, **k: Any) -> Any:
+            faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            report = train(self, *a, **k)
+            seen["train_s"] = time.perf_counter() - start
+            seen["train_minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            return report
 
-    absorber.Absorber.train = counted  # type: ignore[method-assign]
-    try:
-        row = run(args.model, args.split, args.persona, "new", args.threads)
-    finally:
-        absorber.Absorber.train = train  # type: ignore[method-assign]
+        return counted
+
+    row = run_around_train(counting, args.model, args.split, args.persona, args.threads)
     shown = {"round_s": row["round_s"], "teacher_s": row["teacher_s"], **seen, "final_loss": row["final_loss"]}
     print(json.dumps(shown))
 

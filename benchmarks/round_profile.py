@@ -11,7 +11,6 @@ slows a round by 15-25%; read shares, not seconds.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import time
@@ -19,36 +18,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from attention_ab import run
+from attention_ab import round_parser, run_around_train
 from step_profile import category
-
-from absorber_memory import absorber
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--split", choices=["dev", "test"], default="dev")
-    parser.add_argument("--persona", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = round_parser(__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    train, captured = absorber.Absorber.train, {}
+    captured: dict[str, Any] = {}
 
-    def profiled(self: Any, *a: Any, **k: Any) -> Any:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-            start = time.perf_counter()
-            report = train(self, *a, **k)
-            captured["wall"] = time.perf_counter() - start
-        captured["prof"] = prof
-        return report
+    def profiling(train: Any) -> Any:
+        def profiled(self: Any, *a: Any, **k: Any) -> Any:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+                start = time.perf_counter()
+                report = train(self, *a, **k)
+                captured["wall"] = time.perf_counter() - start
+            captured["prof"] = prof
+            return report
 
-    absorber.Absorber.train = profiled  # type: ignore[method-assign]
-    try:
-        row = run(args.model, args.split, args.persona, "new", args.threads)
-    finally:
-        absorber.Absorber.train = train  # type: ignore[method-assign]
+        return profiled
+
+    row = run_around_train(profiling, args.model, args.split, args.persona, args.threads)
     vocab, rank = 49152, 16  # SmolLM2's vocabulary; the default LoRA rank
     kinds: collections.Counter[str] = collections.Counter()
     ops: collections.Counter[str] = collections.Counter()
