@@ -43,7 +43,8 @@ def main() -> None:
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)
 
-    step(), turn()  # warm-up
+    step()  # warm-up
+    turn()
     start = time.perf_counter()
     for _ in range(4):
         step()
