@@ -419,6 +419,15 @@ def pooled_rows(
     return rows
 
 
+#: Settings that make an adapter another shape or scale: a row changing one is scored by an engine made with it.
+ADAPTER_SHAPE = ("lora_rank", "lora_alpha", "lora_targets", "lora_layers")
+
+
+def adapter_shape(config: Any) -> tuple[Any, ...]:
+    """`config`'s values of `ADAPTER_SHAPE`, in that order."""
+    return tuple(getattr(config, key) for key in ADAPTER_SHAPE)
+
+
 def streaming_experiment(
     load_engine: Callable[..., Any],
     make_memory: Callable[..., Any],
@@ -430,16 +439,17 @@ def streaming_experiment(
 ) -> dict[str, Any]:
     """Stream each chat once per entry of `streams` (row name -> config overrides), evaluate every method, pool.
 
-    `load_engine(extra)` builds an engine with `extra` config overrides; a row whose `lora_layers` differ
-    from the first engine's is scored with an engine of its own (its adapter has another shape).
+    `load_engine(extra)` builds an engine with `extra` config overrides; a row whose adapter settings
+    (`ADAPTER_SHAPE`: rank, alpha, targets, layers) differ from the first engine's is scored with an engine
+    of its own, built with those settings (its adapter has another shape or scale).
     """
     engine = load_engine({})
     stream_engines: dict[str, Any] = {}
     for row, extra in streams.items():
-        layers = engine.config.model_copy(update=extra).lora_layers
-        if layers != engine.config.lora_layers:
-            same = next((e for e in stream_engines.values() if e.config.lora_layers == layers), None)
-            stream_engines[row] = same or load_engine({"lora_layers": layers})
+        shape = adapter_shape(engine.config.model_copy(update=extra))
+        if shape != adapter_shape(engine.config):
+            same = next((e for e in stream_engines.values() if adapter_shape(e.config) == shape), None)
+            stream_engines[row] = same or load_engine(dict(zip(ADAPTER_SHAPE, shape, strict=True)))
     raw: dict[str, list[dict[str, Any]]] = {}
     prefill: list[dict[str, float]] = []
     work = Path(tempfile.mkdtemp(prefix="absorber-streaming-"))

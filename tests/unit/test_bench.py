@@ -313,6 +313,23 @@ def test_a_stream_adapting_other_layers_is_scored_with_its_own_adapter_shape(tmp
     assert top["answers"] != every["answers"] or top["kl_sum"] != every["kl_sum"]  # another adapter was scored
 
 
+def test_a_stream_with_another_lora_rank_is_scored_with_an_adapter_of_that_rank(tmp_path):
+    data, rows = stream_variant(tmp_path, "r4", "lora_rank=4", "lora_alpha=8")
+    assert rows["stream-r4"]["gap_closed"] is not None
+    small, default = data["raw"]["stream-r4"][0], data["raw"]["stream-history"][0]
+    assert small["answers"] != default["answers"] or small["kl_sum"] != default["kl_sum"]
+
+
+def test_adapter_shape_names_the_settings_an_adapter_is_loaded_with():
+    from absorber_memory.bench.streaming import ADAPTER_SHAPE, adapter_shape
+    from absorber_memory.config import AbsorberConfig
+
+    base = AbsorberConfig()
+    assert adapter_shape(base) == adapter_shape(base.model_copy(update={"lr": 0.5, "max_steps": 3}))
+    for key, value in [("lora_rank", 4), ("lora_alpha", 4.0), ("lora_targets", ["q_proj"]), ("lora_layers", [-1])]:
+        assert key in ADAPTER_SHAPE and adapter_shape(base.model_copy(update={key: value})) != adapter_shape(base)
+
+
 def test_step_flops_count_the_backward_down_to_the_lowest_adapted_layer(tokenizer):
     from absorber_memory.bench.streaming import linear_params, step_linear_flops
     from absorber_memory.testing import tiny_model
