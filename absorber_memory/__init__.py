@@ -10,7 +10,7 @@ it. `AbsorberMemory` serves many sessions with background absorption;
 from importlib.metadata import PackageNotFoundError, version
 
 from .absorber import AbsorptionReport
-from .config import AbsorberConfig
+from .config import LONG_SESSION_RECIPE, AbsorberConfig
 from .engine import AbsorptionEngine
 from .errors import (
     AbsorberError,
@@ -64,6 +64,7 @@ __all__ = [
     "JobSpec",
     "JobStatus",
     "LocalExecutor",
+    "LONG_SESSION_RECIPE",
     "ModelLoadError",
     "ParametricMemory",
     "RECALL_QUESTIONS",

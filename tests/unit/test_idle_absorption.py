@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from absorber_memory import AbsorberConfig, ConfigError
+from absorber_memory import LONG_SESSION_RECIPE, AbsorberConfig, ConfigError
 from absorber_memory.stream import plan_absorption, replayed_overflow
 
 from ..conftest import turn
@@ -251,3 +251,23 @@ def test_parametric_memory_idle_round_honours_consolidation_sync(make_memory):
     counts = [head.fmt.count(m) for m in head.window]
     assert counts[0] <= 40 < sum(counts)  # the head is the first turn; the window is longer
     assert w.sync_tokens - h.sync_tokens >= sum(counts[1:]) - 8  # what the head leaves out (give or take the probe)
+
+
+def test_the_long_session_recipe_absorbs_once_idle_with_short_answers_decoded_together(make_memory):
+    config = AbsorberConfig(**LONG_SESSION_RECIPE)
+    assert (config.absorb_when, config.probe_answers, config.train_window) == ("idle", "independent", False)
+    assert config.window_grad_every == 3 and config.losses == {"l1": 1.0} and config.sync_recitation == "off"
+    memory = make_memory(**LONG_SESSION_RECIPE, window_tokens=60, absorb_tokens=30, sync_tokens=30)
+    asked: list[tuple[int, int]] = []  # (questions, answer tokens) per call of the teacher
+    generate_all = memory.engine.generate_all
+
+    def recording(prefix, conversations, max_new_tokens, **kwargs):
+        asked.append((len(conversations), max_new_tokens))
+        return generate_all(prefix, conversations, max_new_tokens, **kwargs)
+
+    memory.engine.generate_all = recording
+    for k in range(6):
+        assert memory.add_messages(turn(k)) == []  # nothing absorbed while the conversation goes on
+    [report] = memory.absorb_overflow()
+    assert asked == [(memory.config.probe_count, 16)]  # every probe answered in one call, 16 tokens at most
+    assert report.steps == 20 and memory.absorbed_messages and memory.absorb_overflow() == []

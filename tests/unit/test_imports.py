@@ -22,6 +22,7 @@ EXPECTED_ALL = [
     "JobSpec",
     "JobStatus",
     "LocalExecutor",
+    "LONG_SESSION_RECIPE",
     "ModelLoadError",
     "ParametricMemory",
     "RECALL_QUESTIONS",
