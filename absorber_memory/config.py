@@ -24,12 +24,12 @@ LOSS_NAMES = ("l1", "mse", "logit_kl", "lm")
 #: probe answers as the only sync text beside the following turns, no consolidation. A third of the
 #: defaults' absorption time, for throughput over recall (BENCHMARKS.md, "Consolidation on the reported sessions").
 PLAIN_RECIPE: dict[str, Any] = {"sync_recitation": "off", "losses": {"l1": 1.0}, "consolidate_when_idle": None}
-#: The measured setting for long, chatty sessions with pauses (BENCHMARKS.md, "Shorter probe answers"): the plain
-#: recipe, the overflow absorbed in one round once the session is idle, syncing on the whole window; every third
-#: step refreshes the window's keys and values (trained at the first step only) and the steps between train the
-#: probes after them; 20 steps at 1.5e-3; the teacher answers each probe straight after the window (all decoded
-#: together), 16 tokens each. About 0.7 of the fidelity gap closed on ~4k-token sessions at about 10x a prefill per
-#: absorbed token on a 2-core CPU. Window sizes are left to the caller (measured with 1,280 / 1,024 tokens).
+#: The measured setting for long, chatty sessions with pauses (BENCHMARKS.md, "Answers of 16, 20 and 24
+#: tokens"): the plain recipe, the overflow absorbed in one round once the session is idle, syncing on the whole
+#: window; every third step refreshes the window's keys and values (trained at the first step only) and the steps
+#: between train the probes after them; 20 steps at 1.5e-3; the teacher answers each probe straight after the
+#: window (all decoded together), 20 tokens each. 0.70 of the fidelity gap closed on ~4k-token sessions at 9-10x a
+#: prefill per absorbed token on a 2-core CPU. Window sizes are left to the caller (measured with 1,280 / 1,024).
 LONG_SESSION_RECIPE: dict[str, Any] = {
     **PLAIN_RECIPE,
     "consolidate_when_idle": 0.0,
@@ -39,7 +39,7 @@ LONG_SESSION_RECIPE: dict[str, Any] = {
     "max_steps": 20,
     "lr": 1.5e-3,
     "probe_answers": "independent",
-    "probe_max_new_tokens": 16,
+    "probe_max_new_tokens": 20,
 }
 _SYNC_LOSSES = ("l1", "mse", "logit_kl")
 

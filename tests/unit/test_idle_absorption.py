@@ -269,5 +269,5 @@ def test_the_long_session_recipe_absorbs_once_idle_with_short_answers_decoded_to
     for k in range(6):
         assert memory.add_messages(turn(k)) == []  # nothing absorbed while the conversation goes on
     [report] = memory.absorb_overflow()
-    assert asked == [(memory.config.probe_count, 16)]  # every probe answered in one call, 16 tokens at most
+    assert asked == [(memory.config.probe_count, 20)]  # every probe answered in one call, 20 tokens at most
     assert report.steps == 20 and memory.absorbed_messages and memory.absorb_overflow() == []
